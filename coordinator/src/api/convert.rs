@@ -1,0 +1,116 @@
+//! Conversions between protocol messages and registry types.
+
+use nanofleet_proto::v1 as pb;
+
+use crate::registry::{Accelerator, DeviceFacts, NodeRecord, NodeStatus, PowerSource};
+
+pub fn facts_from_proto(facts: Option<pb::DeviceFacts>) -> DeviceFacts {
+    let Some(f) = facts else {
+        return DeviceFacts::default();
+    };
+    let power_source = match pb::PowerSource::try_from(f.power_source) {
+        Ok(pb::PowerSource::Mains) => PowerSource::Mains,
+        Ok(pb::PowerSource::Battery) => PowerSource::Battery,
+        _ => PowerSource::Unknown,
+    };
+    DeviceFacts {
+        arch: f.arch,
+        cpu_cores: f.cpu_cores,
+        memory_total_bytes: f.memory_total_bytes,
+        memory_available_bytes: f.memory_available_bytes,
+        accelerators: f
+            .accelerators
+            .into_iter()
+            .map(|a| Accelerator {
+                kind: a.kind,
+                name: a.name,
+                memory_bytes: a.memory_bytes,
+            })
+            .collect(),
+        power_source,
+        battery_percent: f.battery_percent,
+        charging: f.charging,
+        os: f.os,
+        os_version: f.os_version,
+        agent_version: f.agent_version,
+        hostname: f.hostname,
+        labels: f.labels.into_iter().collect(),
+    }
+}
+
+pub fn facts_to_proto(f: &DeviceFacts) -> pb::DeviceFacts {
+    pb::DeviceFacts {
+        arch: f.arch.clone(),
+        cpu_cores: f.cpu_cores,
+        memory_total_bytes: f.memory_total_bytes,
+        memory_available_bytes: f.memory_available_bytes,
+        accelerators: f
+            .accelerators
+            .iter()
+            .map(|a| pb::Accelerator {
+                kind: a.kind.clone(),
+                name: a.name.clone(),
+                memory_bytes: a.memory_bytes,
+            })
+            .collect(),
+        power_source: match f.power_source {
+            PowerSource::Unknown => pb::PowerSource::Unspecified,
+            PowerSource::Mains => pb::PowerSource::Mains,
+            PowerSource::Battery => pb::PowerSource::Battery,
+        } as i32,
+        battery_percent: f.battery_percent,
+        charging: f.charging,
+        os: f.os.clone(),
+        os_version: f.os_version.clone(),
+        agent_version: f.agent_version.clone(),
+        hostname: f.hostname.clone(),
+        labels: f.labels.clone().into_iter().collect(),
+    }
+}
+
+pub fn node_to_proto(node: &NodeRecord, now_ms: i64, heartbeat_interval_secs: u32) -> pb::Node {
+    pb::Node {
+        id: node.id.clone(),
+        status: match node.status {
+            NodeStatus::Active => pb::NodeStatus::Active,
+            NodeStatus::Revoked => pb::NodeStatus::Revoked,
+        } as i32,
+        labels: node.labels().into_iter().collect(),
+        facts: Some(facts_to_proto(&node.facts)),
+        enrolled_at_unix_ms: node.enrolled_at_ms,
+        last_seen_unix_ms: node.last_seen_ms,
+        online: node.is_online(now_ms, heartbeat_interval_secs),
+        certificate_sha256: node.cert_sha256.clone(),
+        revoked_at_unix_ms: node.revoked_at_ms,
+        revoked_reason: node.revoked_reason.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn facts_round_trip() {
+        let facts = DeviceFacts {
+            arch: "aarch64".into(),
+            cpu_cores: 4,
+            memory_total_bytes: 1 << 30,
+            memory_available_bytes: 1 << 29,
+            accelerators: vec![Accelerator {
+                kind: "cuda".into(),
+                name: "H100".into(),
+                memory_bytes: 80 << 30,
+            }],
+            power_source: PowerSource::Battery,
+            battery_percent: Some(55.0),
+            charging: true,
+            os: "linux".into(),
+            os_version: "6.1".into(),
+            agent_version: "0.1.0".into(),
+            hostname: "dev-1".into(),
+            labels: [("site".to_owned(), "a".to_owned())].into(),
+        };
+        assert_eq!(facts_from_proto(Some(facts_to_proto(&facts))), facts);
+    }
+}

@@ -1,0 +1,68 @@
+//! The gRPC edge: protocol types in, domain calls, `Status` out. Authentication and
+//! the mapping from domain errors to messages a user can act on live here.
+
+mod convert;
+mod enrollment;
+mod node;
+mod operator;
+
+pub use enrollment::EnrollmentApi;
+pub use node::NodeApi;
+pub use operator::OperatorApi;
+
+use tonic::{Request, Status};
+
+use crate::identity::{principal, Principal};
+use crate::registry::{NodeRecord, Registry, RegistryError};
+
+/// Maps a domain error to the gRPC status a caller sees; internal details are logged,
+/// not sent.
+pub fn status_of(error: RegistryError) -> Status {
+    use crate::pki::PkiError;
+    match &error {
+        RegistryError::UnknownToken | RegistryError::TokenExpired | RegistryError::TokenUsed => {
+            Status::unauthenticated(error.to_string())
+        }
+        RegistryError::Invalid { .. } => Status::invalid_argument(error.to_string()),
+        RegistryError::NodeNotFound(_) => Status::not_found(error.to_string()),
+        RegistryError::NodeRevoked { .. } | RegistryError::StaleCertificate(_) => {
+            Status::permission_denied(error.to_string())
+        }
+        RegistryError::Pki(PkiError::BadCsr(_) | PkiError::CsrTooLarge(_)) => {
+            Status::invalid_argument(error.to_string())
+        }
+        RegistryError::Pki(_) | RegistryError::Store(_) => {
+            tracing::error!(%error, "internal error");
+            Status::internal("the coordinator failed to complete the call; see its log")
+        }
+    }
+}
+
+/// The calling node, authenticated against the registry on every call, so that a
+/// revocation takes effect on the node's next call.
+fn authorized_node<T>(registry: &Registry, request: &Request<T>) -> Result<NodeRecord, Status> {
+    match principal(request)? {
+        Principal::Node { id, cert_sha256 } => {
+            tracing::Span::current().record("principal", id.as_str());
+            registry
+                .authenticate_node(&id, &cert_sha256)
+                .map_err(status_of)
+        }
+        Principal::Operator { .. } => Err(Status::permission_denied(
+            "operator credentials cannot call the node API",
+        )),
+    }
+}
+
+/// The calling operator's name; node certificates are refused.
+fn authorized_operator<T>(request: &Request<T>) -> Result<String, Status> {
+    match principal(request)? {
+        Principal::Operator { name } => {
+            tracing::Span::current().record("principal", name.as_str());
+            Ok(name)
+        }
+        Principal::Node { id, .. } => Err(Status::permission_denied(format!(
+            "node certificates cannot call the operator API (caller is node {id})"
+        ))),
+    }
+}

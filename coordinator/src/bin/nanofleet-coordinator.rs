@@ -1,0 +1,147 @@
+//! `nanofleet-coordinator`: initialize a data directory, issue operator credentials, and
+//! serve the fleet.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use nanofleet_coordinator::config::CoordinatorConfig;
+use nanofleet_coordinator::pki::Pki;
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(
+    name = "nanofleet-coordinator",
+    version,
+    about = "nanofleet control plane"
+)]
+struct Cli {
+    /// TOML configuration file (defaults < file < NANOFLEET_* environment < flags).
+    #[arg(long, global = true, env = "NANOFLEET_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    flags: Flags,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags that override configuration keys of the same name.
+#[derive(Args, Serialize)]
+struct Flags {
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grpc_listen: Option<std::net::SocketAddr>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_listen: Option<std::net::SocketAddr>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heartbeat_interval_secs: Option<u32>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_message_bytes: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the CA, server certificate, signing key and an operator credential in the
+    /// data directory (files with keys are 0600). Does nothing if already initialized.
+    Init {
+        /// DNS names and IP addresses agents use to reach this coordinator.
+        #[arg(long = "server-name", default_values = ["localhost", "127.0.0.1", "::1"])]
+        server_names: Vec<String>,
+        /// Use this CA certificate (PEM) instead of creating one; needs --ca-key.
+        #[arg(long, requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        /// Private key (PEM) of the CA given with --ca-cert.
+        #[arg(long, requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+    },
+    /// Issue operator credentials (ca.crt, operator.crt, operator.key) into a directory.
+    OperatorCredentials {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Serve the node, enrollment and operator APIs and the HTTP side.
+    Serve,
+}
+
+/// Writes `cli.toml` beside the operator credentials, so that
+/// `NANOFLEET_CLI_CONFIG=<dir>/cli.toml nanofleet nodes list` works at once.
+fn write_cli_config(
+    config: &CoordinatorConfig,
+    operator_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let dir = std::fs::canonicalize(operator_dir)?;
+    let listen = config.grpc_listen;
+    let host = if listen.ip().is_unspecified() {
+        "localhost".to_owned()
+    } else if listen.is_ipv6() {
+        format!("[{}]", listen.ip())
+    } else {
+        listen.ip().to_string()
+    };
+    let text = format!(
+        "coordinator = \"https://{host}:{port}\"\nca_cert = {ca:?}\noperator_cert = {cert:?}\noperator_key = {key:?}\n",
+        port = listen.port(),
+        ca = dir.join("ca.crt"),
+        cert = dir.join("operator.crt"),
+        key = dir.join("operator.key"),
+    );
+    std::fs::write(dir.join("cli.toml"), text)?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = CoordinatorConfig::load(cli.config.as_deref(), &cli.flags)
+        .context("loading configuration")?;
+    nanofleet_coordinator::telemetry::init_tracing(&config.log);
+    match cli.command {
+        Command::Init {
+            server_names,
+            ca_cert,
+            ca_key,
+        } => {
+            let ca = match (ca_cert, ca_key) {
+                (Some(cert), Some(key)) => Some((
+                    std::fs::read_to_string(&cert)
+                        .with_context(|| format!("reading {}", cert.display()))?,
+                    std::fs::read_to_string(&key)
+                        .with_context(|| format!("reading {}", key.display()))?,
+                )),
+                _ => None,
+            };
+            let report = Pki::init(&config.data_dir, &server_names, ca)?;
+            write_cli_config(&config, &report.operator_dir)?;
+            if report.created {
+                println!("initialized {}", config.data_dir.display());
+            } else {
+                println!(
+                    "{} is already initialized; nothing changed",
+                    config.data_dir.display()
+                );
+            }
+            println!("CA sha256: {}", report.ca_sha256);
+            println!("operator credentials: {}", report.operator_dir.display());
+        }
+        Command::OperatorCredentials { name, out } => {
+            let pki = Pki::load(&config.data_dir)?;
+            pki.write_operator_credentials(&out, &name)?;
+            println!(
+                "wrote operator credentials for {name:?} to {}",
+                out.display()
+            );
+        }
+        Command::Serve => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(nanofleet_coordinator::server::run(config))?;
+        }
+    }
+    Ok(())
+}

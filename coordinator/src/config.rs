@@ -1,0 +1,66 @@
+//! Typed coordinator configuration, layered by `nanofleet_config`:
+//! defaults < TOML file < `NANOFLEET_*` environment < command-line flags.
+//! Each field is documented here once; deploy/coordinator.example.toml mirrors it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct CoordinatorConfig {
+    /// Directory with the CA, the server certificate, the signing key and the sled
+    /// database. Created by `nanofleet-coordinator init`.
+    pub data_dir: PathBuf,
+    /// Address of the gRPC port (TLS; enrollment, node and operator services, health,
+    /// reflection).
+    pub grpc_listen: SocketAddr,
+    /// Address of the HTTP port (`/healthz`, `/metrics`).
+    pub http_listen: SocketAddr,
+    /// How often agents are told to heartbeat; a node is online while its last
+    /// heartbeat is younger than three intervals.
+    pub heartbeat_interval_secs: u32,
+    /// Largest gRPC request the coordinator decodes; larger ones get OUT_OF_RANGE.
+    pub max_message_bytes: usize,
+    /// Upper bound for the lifetime of a bootstrap token.
+    pub max_token_ttl_secs: u64,
+    /// Log filter in `tracing_subscriber::EnvFilter` syntax (`RUST_LOG` wins when set).
+    pub log: String,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("nanofleet-data"),
+            grpc_listen: "127.0.0.1:7443".parse().expect("valid default address"),
+            http_listen: "127.0.0.1:7480".parse().expect("valid default address"),
+            heartbeat_interval_secs: 10,
+            max_message_bytes: 1024 * 1024,
+            max_token_ttl_secs: 7 * 24 * 3600,
+            log: "info".to_owned(),
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// Loads the layers; `flags` holds only the options given on the command line.
+    pub fn load(
+        file: Option<&Path>,
+        flags: impl Serialize,
+    ) -> Result<Self, nanofleet_config::Error> {
+        nanofleet_config::load(
+            file,
+            &[
+                "data_dir",
+                "grpc_listen",
+                "http_listen",
+                "heartbeat_interval_secs",
+                "max_message_bytes",
+                "max_token_ttl_secs",
+                "log",
+            ],
+            flags,
+        )
+    }
+}

@@ -1,0 +1,180 @@
+//! Wires the coordinator together: loads the CA and the store, builds the gRPC server
+//! (TLS with optional client certificates, message limits, a span per RPC, health and
+//! reflection) and the HTTP side, and runs both until SIGTERM or Ctrl-C.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nanofleet_proto::v1::{
+    enrollment_server::EnrollmentServer, node_service_server::NodeServiceServer,
+    operator_service_server::OperatorServiceServer, FILE_DESCRIPTOR_SET,
+};
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::api::{EnrollmentApi, NodeApi, OperatorApi};
+use crate::config::CoordinatorConfig;
+use crate::pki::{Pki, PkiError};
+use crate::registry::Registry;
+use crate::sessions::SessionHub;
+use crate::store::{KvStore, SledStore, StoreError};
+use crate::telemetry::{Telemetry, TelemetryError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("cannot open the state database: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+    #[error("reflection service could not be built: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Path of the sled database inside the data directory.
+pub fn state_path(config: &CoordinatorConfig) -> std::path::PathBuf {
+    config.data_dir.join("state")
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+}
+
+/// Runs the coordinator until a shutdown signal arrives.
+pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
+    let pki = Arc::new(Pki::load(&config.data_dir)?);
+    let store = Arc::new(SledStore::open(&state_path(&config))?);
+    let registry = Registry::new(store.clone());
+    let sessions = Arc::new(SessionHub::default());
+    let telemetry = Arc::new(Telemetry::new(
+        registry.clone(),
+        sessions.clone(),
+        config.heartbeat_interval_secs,
+    )?);
+
+    let grpc_listener = tokio::net::TcpListener::bind(config.grpc_listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.grpc_listen,
+            source,
+        })?;
+    let http_listener = crate::http::bind(config.http_listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.http_listen,
+            source,
+        })?;
+
+    let (cert_pem, key_pem) = pki.server_identity();
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert_pem, key_pem))
+        .client_ca_root(Certificate::from_pem(pki.ca_pem()))
+        // Enrollment has no certificate yet; every other service checks for one itself.
+        .client_auth_optional(true)
+        .timeout(Duration::from_secs(10));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<EnrollmentServer<EnrollmentApi>>()
+        .await;
+    health_reporter
+        .set_serving::<NodeServiceServer<NodeApi>>()
+        .await;
+    health_reporter
+        .set_serving::<OperatorServiceServer<OperatorApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let limit = config.max_message_bytes;
+    let interval = config.heartbeat_interval_secs;
+    let enrollment = EnrollmentServer::new(EnrollmentApi {
+        registry: registry.clone(),
+        pki: pki.clone(),
+        heartbeat_interval_secs: interval,
+        metrics: telemetry.metrics.clone(),
+    })
+    .max_decoding_message_size(limit);
+    let node = NodeServiceServer::new(NodeApi {
+        registry: registry.clone(),
+        sessions: sessions.clone(),
+        heartbeat_interval_secs: interval,
+        metrics: telemetry.metrics.clone(),
+    })
+    .max_decoding_message_size(limit);
+    let operator = OperatorServiceServer::new(OperatorApi {
+        registry,
+        pki: pki.clone(),
+        sessions,
+        heartbeat_interval_secs: interval,
+        max_token_ttl_secs: config.max_token_ttl_secs,
+    })
+    .max_decoding_message_size(limit);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    tracing::info!(
+        grpc = %config.grpc_listen,
+        http = %config.http_listen,
+        ca_sha256 = %pki.ca_sha256(),
+        data_dir = %config.data_dir.display(),
+        "coordinator listening"
+    );
+
+    let grpc = Server::builder()
+        .tls_config(tls)?
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .trace_fn(|request| {
+            tracing::info_span!(
+                "rpc",
+                method = %request.uri().path(),
+                principal = tracing::field::Empty
+            )
+        })
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(enrollment)
+        .add_service(node)
+        .add_service(operator)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(grpc_listener),
+            stopped(stop_rx.clone()),
+        );
+    let http = crate::http::serve(http_listener, telemetry, stopped(stop_rx));
+
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let result = tokio::try_join!(async { grpc.await.map_err(ServerError::Grpc) }, async {
+        http.await.map_err(ServerError::Http)
+    },);
+    store.flush()?;
+    result?;
+    Ok(())
+}

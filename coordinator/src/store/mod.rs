@@ -1,0 +1,61 @@
+//! Durable state behind a narrow key-value trait, so that a distributed backend can
+//! replace the embedded sled database without touching the services above it.
+//!
+//! Values are small records (JSON); large blobs (model chunks) never go in here.
+
+mod sled_store;
+
+pub use sled_store::SledStore;
+
+/// A named collection of records; each maps to one sled tree (or one key prefix in a
+/// distributed store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keyspace {
+    /// Node id → node record.
+    Nodes,
+    /// SHA-256 of a bootstrap token → token record.
+    Tokens,
+}
+
+impl Keyspace {
+    pub fn name(self) -> &'static str {
+        match self {
+            Keyspace::Nodes => "nodes",
+            Keyspace::Tokens => "tokens",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage backend failed: {0}")]
+    Backend(String),
+    #[error("stored record {key} in {space} is corrupt: {reason}")]
+    Corrupt {
+        space: &'static str,
+        key: String,
+        reason: String,
+    },
+}
+
+/// One stored record: key and value.
+pub type Record = (Vec<u8>, Vec<u8>);
+
+/// The operations the coordinator needs from durable storage.
+pub trait KvStore: Send + Sync + 'static {
+    fn get(&self, space: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    fn put(&self, space: Keyspace, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    /// Atomically replaces `expected` by `new` (`None` = absent); false when the current
+    /// value is not `expected`. One-time tokens rely on this.
+    fn compare_and_swap(
+        &self,
+        space: Keyspace,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool, StoreError>;
+    /// Every record of a keyspace, in key order.
+    fn scan(&self, space: Keyspace) -> Result<Vec<Record>, StoreError>;
+    /// Returns once everything written before is on disk.
+    fn flush(&self) -> Result<(), StoreError>;
+}

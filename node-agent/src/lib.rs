@@ -1,0 +1,10 @@
+//! nanofleet node agent: enrolls a device with the coordinator, keeps an
+//! agent-initiated session to it (heartbeats with device facts, a command stream), and
+//! keeps its identity in its own data directory. See ARCHITECTURE.md for the map.
+
+pub mod backoff;
+pub mod config;
+pub mod enroll;
+pub mod facts;
+pub mod identity;
+pub mod session;

@@ -1,0 +1,388 @@
+//! Test harness: starts a real coordinator and real agents as processes on loopback,
+//! each with its own data directory, and drives them through the operator CLI and
+//! raw gRPC clients. Processes are killed when their handles drop.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nanofleet_transport::ClientTls;
+
+/// Path of a workspace binary. The test command builds them first
+/// (`cargo build --bins`); they sit next to the test's `deps` directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` before the end-to-end tests",
+        path.display()
+    );
+    path
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Polls `check` until it holds or `timeout` passes; true when it held.
+pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn spawn_logged(mut command: Command, log: &Path) -> Child {
+    let file = std::fs::File::create(log).expect("log file");
+    command
+        .stdout(Stdio::from(file.try_clone().expect("log handle")))
+        .stderr(Stdio::from(file))
+        .env("RUST_LOG", "info")
+        .spawn()
+        .expect("process starts")
+}
+
+fn kill(child: &mut Child, signal: i32) {
+    // SAFETY: sending a signal to a child we own; no memory is touched.
+    unsafe {
+        libc::kill(child.id() as i32, signal);
+    }
+    let _ = child.wait();
+}
+
+/// A coordinator process with its own data directory and ports.
+pub struct Coordinator {
+    pub dir: PathBuf,
+    pub grpc_port: u16,
+    pub http_port: u16,
+    pub heartbeat_secs: u32,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Coordinator {
+    /// Initializes a data directory under `root` and starts serving.
+    pub fn start(root: &Path) -> Self {
+        let mut coordinator = Self {
+            dir: root.join("coordinator"),
+            grpc_port: free_port(),
+            http_port: free_port(),
+            heartbeat_secs: 1,
+            child: None,
+            starts: 0,
+        };
+        let output = Command::new(bin("nanofleet-coordinator"))
+            .args(coordinator.flags())
+            .arg("init")
+            .output()
+            .expect("init runs");
+        assert!(output.status.success(), "init failed: {output:?}");
+        coordinator.restart();
+        coordinator
+    }
+
+    fn flags(&self) -> Vec<String> {
+        vec![
+            "--data-dir".into(),
+            self.dir.display().to_string(),
+            "--grpc-listen".into(),
+            format!("127.0.0.1:{}", self.grpc_port),
+            "--http-listen".into(),
+            format!("127.0.0.1:{}", self.http_port),
+            "--heartbeat-interval-secs".into(),
+            self.heartbeat_secs.to_string(),
+        ]
+    }
+
+    /// Starts the serving process (again) and waits for `/healthz`.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "coordinator already running");
+        self.starts += 1;
+        let mut command = Command::new(bin("nanofleet-coordinator"));
+        command.args(self.flags()).arg("serve");
+        let log = self.dir.join(format!("serve-{}.log", self.starts));
+        self.child = Some(spawn_logged(command, &log));
+        let ready = wait_until(Duration::from_secs(20), || self.healthy());
+        assert!(
+            ready,
+            "coordinator did not become healthy; see {}",
+            log.display()
+        );
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.http_get("/healthz")
+            .is_some_and(|body| body.contains("ok"))
+    }
+
+    /// A plain HTTP/1.0 GET on the coordinator's HTTP port.
+    pub fn http_get(&self, path: &str) -> Option<String> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        head.split(' ').nth(1).filter(|code| *code == "200")?;
+        Some(body.to_owned())
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill(&mut child, libc::SIGKILL);
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.grpc_port)
+    }
+
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    pub fn cli_config(&self) -> PathBuf {
+        self.dir.join("operator").join("cli.toml")
+    }
+
+    /// Runs the operator CLI with this coordinator's operator credentials.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("nanofleet"))
+            .env("NANOFLEET_CLI_CONFIG", self.cli_config())
+            .args(args)
+            .output()
+            .expect("nanofleet runs")
+    }
+
+    /// Runs the CLI with `--json` and parses its output; panics on failure.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let output = self.cli(&all);
+        assert!(
+            output.status.success(),
+            "nanofleet {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("CLI prints JSON")
+    }
+
+    pub fn create_token(&self, ttl: &str, labels: &str) -> String {
+        let created = self.cli_json(&["token", "create", "--ttl", ttl, "--labels", labels]);
+        created["token"].as_str().expect("token").to_owned()
+    }
+
+    pub fn nodes(&self) -> Vec<serde_json::Value> {
+        self.cli_json(&["nodes", "list"])
+            .as_array()
+            .expect("node list")
+            .clone()
+    }
+
+    pub fn operator_tls(&self) -> ClientTls {
+        let dir = self.dir.join("operator");
+        ClientTls {
+            ca_pem: std::fs::read(dir.join("ca.crt")).expect("ca"),
+            identity: Some((
+                std::fs::read(dir.join("operator.crt")).expect("operator cert"),
+                std::fs::read(dir.join("operator.key")).expect("operator key"),
+            )),
+        }
+    }
+
+    /// TLS that trusts this fleet's CA and presents no certificate.
+    pub fn anonymous_tls(&self) -> ClientTls {
+        ClientTls {
+            ca_pem: std::fs::read(self.ca_cert()).expect("ca"),
+            identity: None,
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill(&mut child, libc::SIGTERM);
+        }
+    }
+}
+
+/// An agent process with its own data directory.
+pub struct Agent {
+    pub dir: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `nanofleet-agent run`, enrolling with `token`.
+    pub fn start(root: &Path, name: &str, coordinator: &Coordinator, token: &str) -> Self {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).expect("agent dir");
+        let log = root.join(format!("{name}.log"));
+        let mut agent = Self {
+            dir,
+            child: None,
+            log,
+        };
+        let mut command = Command::new(bin("nanofleet-agent"));
+        command
+            .args(["--data-dir", &agent.dir.display().to_string()])
+            .args(["--coordinator", &coordinator.url()])
+            .args(["--ca-cert", &coordinator.ca_cert().display().to_string()])
+            .args(["--token", token])
+            .args(["--label", &format!("agent={name}")])
+            .args(["--reconnect-max-ms", "1000"])
+            .arg("run");
+        agent.child = Some(spawn_logged(command, &agent.log));
+        agent
+    }
+
+    /// The node id, once enrollment has written the identity.
+    pub fn node_id(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.dir.join("identity.json")).ok()?;
+        let meta: serde_json::Value = serde_json::from_str(&text).ok()?;
+        meta["node_id"].as_str().map(str::to_owned)
+    }
+
+    pub fn wait_enrolled(&self) -> String {
+        let mut id = None;
+        let enrolled = wait_until(Duration::from_secs(20), || {
+            id = self.node_id();
+            id.is_some()
+        });
+        assert!(enrolled, "agent did not enroll; see {}", self.log.display());
+        id.expect("node id")
+    }
+
+    pub fn tls(&self, ca_pem: Vec<u8>) -> ClientTls {
+        ClientTls {
+            ca_pem,
+            identity: Some((
+                std::fs::read(self.dir.join("node.crt")).expect("node cert"),
+                std::fs::read(self.dir.join("node.key")).expect("node key"),
+            )),
+        }
+    }
+
+    /// The exit code once the process ended, `None` while it runs.
+    pub fn exit_code(&mut self) -> Option<i32> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+            .and_then(|status| status.code())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill(&mut child, libc::SIGTERM);
+        }
+    }
+}
+
+/// A tokio runtime for the raw gRPC parts of a test.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A gRPC codec that sends and receives raw bytes, to put malformed messages on the
+/// wire the way a broken or hostile client would.
+#[derive(Default, Clone, Copy)]
+pub struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Self::Error> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, Self::Error> {
+        use bytes::Buf;
+        let mut out = vec![0; src.remaining()];
+        src.copy_to_slice(&mut out);
+        Ok(Some(out))
+    }
+}
+
+/// Sends `body` as the request message of `path` (e.g. "/nanofleet.v1.Enrollment/Enroll").
+pub async fn raw_unary(
+    channel: tonic::transport::Channel,
+    path: &'static str,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(64 * 1024 * 1024);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    grpc.unary(
+        tonic::Request::new(body),
+        http::uri::PathAndQuery::from_static(path),
+        RawCodec,
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}

@@ -274,10 +274,7 @@ impl Pki {
     /// possession of the key (its signature is checked); its subject and extensions are
     /// ignored.
     pub fn issue_node_cert(&self, node_id: &str, csr_pem: &str) -> Result<IssuedCert, PkiError> {
-        if csr_pem.len() > MAX_CSR_BYTES {
-            return Err(PkiError::CsrTooLarge(csr_pem.len()));
-        }
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(PkiError::BadCsr)?;
+        let csr = parse_csr(csr_pem)?;
         let mut params = leaf_params(
             node_id,
             vec![uri_san(format!("{NODE_URI_PREFIX}{node_id}"))?],
@@ -313,6 +310,14 @@ impl Pki {
         write_public(&dir.join("operator.crt"), cert.as_bytes())?;
         write_secret(&dir.join("operator.key"), key.as_bytes())
     }
+}
+
+/// Parses a PEM CSR from an untrusted client and checks its self-signature.
+pub fn parse_csr(csr_pem: &str) -> Result<CertificateSigningRequestParams, PkiError> {
+    if csr_pem.len() > MAX_CSR_BYTES {
+        return Err(PkiError::CsrTooLarge(csr_pem.len()));
+    }
+    CertificateSigningRequestParams::from_pem(csr_pem).map_err(PkiError::BadCsr)
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), PkiError> {

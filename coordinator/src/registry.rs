@@ -168,7 +168,8 @@ pub fn validate_labels(field: &str, labels: &Labels) -> Result<(), RegistryError
     Ok(())
 }
 
-fn validate_facts(facts: &DeviceFacts) -> Result<(), RegistryError> {
+/// Checks device facts against the limits every report must meet.
+pub fn validate_facts(facts: &DeviceFacts) -> Result<(), RegistryError> {
     let texts = [
         ("facts.arch", &facts.arch),
         ("facts.os", &facts.os),

@@ -59,6 +59,7 @@ async fn shutdown_signal() {
 
 /// Runs the coordinator until a shutdown signal arrives.
 pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
+    nanofleet_transport::raise_open_file_limit();
     let pki = Arc::new(Pki::load(&config.data_dir)?);
     let store = Arc::new(SledStore::open(&state_path(&config))?);
     let registry = Registry::new(store.clone());

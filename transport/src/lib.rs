@@ -121,3 +121,20 @@ pub fn write_private_file(path: &std::path::Path, contents: &[u8]) -> std::io::R
     file.sync_all()?;
     std::fs::rename(&tmp, path)
 }
+
+/// Raises the soft limit on open files to the hard limit: every agent connection is a
+/// file descriptor, and the usual soft limit of 1024 caps a coordinator (or a fleet
+/// simulator) far below the fleets it serves.
+pub fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! The gRPC edge: protocol types in, domain calls, `Status` out. Authentication and
 //! the mapping from domain errors to messages a user can act on live here.
 
-mod convert;
+pub mod convert;
 mod enrollment;
 mod node;
 mod operator;

@@ -190,6 +190,8 @@ fn print_node_table(nodes: &[pb::Node]) {
         let labels = node
             .labels
             .iter()
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join(",");

@@ -17,7 +17,10 @@ use rand::Rng;
 use tokio::sync::Mutex;
 
 #[derive(Parser)]
-#[command(name = "nanofleet-fleetsim", about = "Simulate a fleet of agents against a coordinator")]
+#[command(
+    name = "nanofleet-fleetsim",
+    about = "Simulate a fleet of agents against a coordinator"
+)]
 struct Cli {
     /// Coordinator gRPC URL.
     #[arg(long)]
@@ -97,11 +100,17 @@ async fn simulate(
     stop: Instant,
     samples: Arc<Mutex<Samples>>,
 ) -> anyhow::Result<()> {
-    let channel = nanofleet_transport::connect(&identity.coordinator, &identity.client_tls()).await?;
+    let channel =
+        nanofleet_transport::connect(&identity.coordinator, &identity.client_tls()).await?;
     let mut client = NodeServiceClient::new(channel);
-    let mut stream = client.subscribe(pb::SubscribeRequest {}).await?.into_inner();
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {})
+        .await?
+        .into_inner();
     let interval = match stream.message().await?.and_then(|c| c.body) {
-        Some(pb::command::Body::Welcome(w)) => Duration::from_secs(u64::from(w.heartbeat_interval_secs.max(1))),
+        Some(pb::command::Body::Welcome(w)) => {
+            Duration::from_secs(u64::from(w.heartbeat_interval_secs.max(1)))
+        }
         _ => anyhow::bail!("no welcome on the command stream"),
     };
     // Keep draining commands so the stream stays healthy.
@@ -166,7 +175,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let ca_pem = ca_pem.clone();
         enrollments.push(tokio::spawn(async move {
             let _permit = permit;
-            nanofleet_agent::enroll::enroll(&coordinator, ca_pem, &token, simulated_facts(index)).await
+            nanofleet_agent::enroll::enroll(&coordinator, ca_pem, &token, simulated_facts(index))
+                .await
         }));
     }
     let mut identities = Vec::with_capacity(cli.agents);
@@ -183,7 +193,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let cpu_start = cli.coordinator_pid.and_then(cpu_seconds);
     let mut agents = Vec::with_capacity(identities.len());
     for (index, identity) in identities.into_iter().enumerate() {
-        agents.push(tokio::spawn(simulate(index, identity, measure_from, stop, samples.clone())));
+        agents.push(tokio::spawn(simulate(
+            index,
+            identity,
+            measure_from,
+            stop,
+            samples.clone(),
+        )));
     }
     let mut failed_agents = 0;
     for agent in agents {
@@ -199,13 +215,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     println!("| metric | value |");
     println!("|---|---|");
     println!("| simulated agents | {} |", cli.agents);
-    println!("| enrollment | {:.1} s ({:.0} agents/s) |", enroll_secs, cli.agents as f64 / enroll_secs);
+    println!(
+        "| enrollment | {:.1} s ({:.0} agents/s) |",
+        enroll_secs,
+        cli.agents as f64 / enroll_secs
+    );
     println!("| measured window | {measured:.0} s |");
-    println!("| heartbeats ok / errors | {} / {} |", samples.heartbeat_micros.len(), samples.errors);
+    println!(
+        "| heartbeats ok / errors | {} / {} |",
+        samples.heartbeat_micros.len(),
+        samples.errors
+    );
     println!("| agents failed | {failed_agents} |");
-    println!("| heartbeat p50 | {:.2} ms |", percentile(&samples.heartbeat_micros, 0.50));
-    println!("| heartbeat p99 | {:.2} ms |", percentile(&samples.heartbeat_micros, 0.99));
-    println!("| heartbeat max | {:.2} ms |", percentile(&samples.heartbeat_micros, 1.0));
+    println!(
+        "| heartbeat p50 | {:.2} ms |",
+        percentile(&samples.heartbeat_micros, 0.50)
+    );
+    println!(
+        "| heartbeat p99 | {:.2} ms |",
+        percentile(&samples.heartbeat_micros, 0.99)
+    );
+    println!(
+        "| heartbeat max | {:.2} ms |",
+        percentile(&samples.heartbeat_micros, 1.0)
+    );
     if let Some(pid) = cli.coordinator_pid {
         if let (Some(start), Some(end)) = (cpu_start, cpu_end) {
             let window = measured + warmup.as_secs_f64();
@@ -221,7 +254,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     if failed_agents > 0 || samples.errors > 0 {
-        anyhow::bail!("{failed_agents} agents failed and {} heartbeats errored", samples.errors);
+        anyhow::bail!(
+            "{failed_agents} agents failed and {} heartbeats errored",
+            samples.errors
+        );
     }
     Ok(())
 }

@@ -73,7 +73,12 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 
 fn simulated_facts(index: usize) -> pb::DeviceFacts {
     pb::DeviceFacts {
-        arch: if index.is_multiple_of(3) { "aarch64" } else { "x86_64" }.to_owned(),
+        arch: if index.is_multiple_of(3) {
+            "aarch64"
+        } else {
+            "x86_64"
+        }
+        .to_owned(),
         cpu_cores: 4,
         memory_total_bytes: 2 << 30,
         memory_available_bytes: 1 << 30,

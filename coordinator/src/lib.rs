@@ -7,7 +7,9 @@
 //! ([`telemetry`]). See ARCHITECTURE.md at the repository root for the whole map.
 
 pub mod api;
+pub mod artifacts;
 pub mod config;
+pub mod events;
 pub mod http;
 pub mod identity;
 pub mod pki;

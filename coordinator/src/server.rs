@@ -14,7 +14,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::api::{EnrollmentApi, NodeApi, OperatorApi};
+use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::config::CoordinatorConfig;
+use crate::events::EventLog;
 use crate::pki::{Pki, PkiError};
 use crate::registry::Registry;
 use crate::sessions::SessionHub;
@@ -29,6 +31,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
+    #[error("cannot open the artifact store: {0}")]
+    Artifacts(#[from] ArtifactError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -63,6 +67,8 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
     let pki = Arc::new(Pki::load(&config.data_dir)?);
     let store = Arc::new(SledStore::open(&state_path(&config))?);
     let registry = Registry::new(store.clone());
+    let artifacts = ArtifactStore::open(store.clone(), &config.data_dir)?;
+    let events = EventLog::open(store.clone())?;
     let sessions = Arc::new(SessionHub::default());
     let telemetry = Arc::new(Telemetry::new(
         registry.clone(),
@@ -126,6 +132,8 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         registry,
         pki: pki.clone(),
         sessions,
+        artifacts,
+        events,
         heartbeat_interval_secs: interval,
         max_token_ttl_secs: config.max_token_ttl_secs,
     })

@@ -178,6 +178,15 @@ impl Coordinator {
             .expect("nanofleet runs")
     }
 
+    /// Runs `nanofleet-coordinator` commands that act on the data directory (trust, ...).
+    pub fn admin(&self, args: &[&str]) -> Output {
+        Command::new(bin("nanofleet-coordinator"))
+            .args(["--data-dir", &self.dir.display().to_string()])
+            .args(args)
+            .output()
+            .expect("nanofleet-coordinator runs")
+    }
+
     /// Runs the CLI with `--json` and parses its output; panics on failure.
     pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
         let mut all = args.to_vec();
@@ -385,4 +394,57 @@ pub async fn raw_unary(
     )
     .await
     .map(tonic::Response::into_inner)
+}
+
+/// A tiny but valid GGUF model file (llama architecture, Q8_0 weights, random values),
+/// about 9 KiB: enough to exercise chunking, digests and header checks quickly.
+pub fn tiny_gguf(architecture: &str, seed: u8) -> Vec<u8> {
+    use nanofleet_artifact::gguf::{GgmlType, GgufWriter, MetadataValue};
+    let block = |i: usize| -> Vec<u8> {
+        // Q8_0 block: f16 scale (1.0) then 32 int8 quants.
+        let mut b = vec![0x00, 0x3c];
+        b.extend((0..32).map(|j| {
+            (i as u8)
+                .wrapping_mul(31)
+                .wrapping_add(j as u8)
+                .wrapping_add(seed)
+        }));
+        b
+    };
+    let tensor = |rows: usize| (0..rows).flat_map(block).collect::<Vec<u8>>();
+    GgufWriter::new()
+        .metadata(
+            "general.architecture",
+            MetadataValue::String(architecture.into()),
+        )
+        .metadata(
+            "general.name",
+            MetadataValue::String("tiny test model".into()),
+        )
+        .tensor(
+            "blk.0.attn_q.weight",
+            GgmlType::Q8_0,
+            &[32, 128],
+            tensor(128),
+        )
+        .tensor(
+            "blk.0.ffn_up.weight",
+            GgmlType::Q8_0,
+            &[32, 128],
+            tensor(128),
+        )
+        .to_bytes()
+        .expect("tiny GGUF encodes")
+}
+
+/// An operator-service client that presents `tls` (for checking who may call it).
+pub async fn connect_node_operator_client(
+    coordinator: &Coordinator,
+    tls: ClientTls,
+) -> nanofleet_proto::v1::operator_service_client::OperatorServiceClient<tonic::transport::Channel>
+{
+    let channel = nanofleet_transport::connect(&coordinator.url(), &tls)
+        .await
+        .expect("connects");
+    nanofleet_proto::v1::operator_service_client::OperatorServiceClient::new(channel)
 }

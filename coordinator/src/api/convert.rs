@@ -2,6 +2,8 @@
 
 use nanofleet_proto::v1 as pb;
 
+use crate::artifacts::ArtifactRecord;
+use crate::events::Event;
 use crate::registry::{Accelerator, DeviceFacts, NodeRecord, NodeStatus, PowerSource};
 
 pub fn facts_from_proto(facts: Option<pb::DeviceFacts>) -> DeviceFacts {
@@ -83,6 +85,44 @@ pub fn node_to_proto(node: &NodeRecord, now_ms: i64, heartbeat_interval_secs: u3
         certificate_sha256: node.cert_sha256.clone(),
         revoked_at_unix_ms: node.revoked_at_ms,
         revoked_reason: node.revoked_reason.clone(),
+    }
+}
+
+/// A unit enum's serde name ("lora_adapter"), so that the wire says what the manifest says.
+fn serde_name<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+pub fn artifact_to_proto(record: &ArtifactRecord) -> pb::Artifact {
+    let m = record.manifest();
+    pb::Artifact {
+        name: m.name.clone(),
+        version: m.version.clone(),
+        kind: serde_name(&m.kind),
+        format: serde_name(&m.format),
+        architecture: m.architecture.clone(),
+        quantization: m.quantization.clone(),
+        size: m.size,
+        sha256: m.sha256.to_string(),
+        chunk_count: m.chunks.len() as u32,
+        license: m.license.clone(),
+        signer_key_ids: record.signer_key_ids.clone(),
+        published_at_unix_ms: record.published_at_ms,
+        published_by: record.published_by.clone(),
+        signed_manifest: record.signed.to_json_pretty().into_bytes(),
+    }
+}
+
+pub fn event_to_proto(event: &Event) -> pb::Event {
+    pb::Event {
+        time_unix_ms: event.time_ms,
+        actor: event.actor.clone(),
+        action: event.action.clone(),
+        subject: event.subject.clone(),
+        reason: event.reason.clone(),
     }
 }
 

@@ -38,6 +38,29 @@ pub fn status_of(error: RegistryError) -> Status {
     }
 }
 
+/// Maps an artifact error to the status a publisher sees.
+pub fn status_of_artifact(error: &crate::artifacts::ArtifactError) -> Status {
+    use crate::artifacts::ArtifactError as E;
+    let message = error.to_string();
+    match error {
+        E::BadManifest(_)
+        | E::TooLong { .. }
+        | E::Truncated { .. }
+        | E::Mismatch(_)
+        | E::Gguf(_)
+        | E::GgufDisagrees { .. }
+        | E::NoManifest => Status::invalid_argument(message),
+        E::Untrusted(_) => Status::permission_denied(message),
+        E::AlreadyPublished(_) => Status::already_exists(message),
+        E::NotFound(_) => Status::not_found(message),
+        E::NoTrustPolicy(_) | E::BadTrustPolicy(_) => Status::failed_precondition(message),
+        E::Io(_) | E::Store(_) => {
+            tracing::error!(%error, "artifact storage error");
+            Status::internal("the coordinator failed to store the artifact; see its log")
+        }
+    }
+}
+
 /// The calling node, authenticated against the registry on every call, so that a
 /// revocation takes effect on the node's next call.
 fn authorized_node<T>(registry: &Registry, request: &Request<T>) -> Result<NodeRecord, Status> {

@@ -3,12 +3,17 @@
 use std::sync::Arc;
 
 use nanofleet_proto::v1::{
-    operator_service_server::OperatorService, CreateTokenRequest, CreateTokenResponse,
-    GetNodeRequest, ListNodesRequest, ListNodesResponse, Node, RevokeNodeRequest,
+    operator_service_server::OperatorService, publish_artifact_request::Part, Artifact,
+    CreateTokenRequest, CreateTokenResponse, GetArtifactRequest, GetNodeRequest,
+    ListArtifactsRequest, ListArtifactsResponse, ListEventsRequest, ListEventsResponse,
+    ListNodesRequest, ListNodesResponse, Node, PublishArtifactRequest, RevokeNodeRequest,
 };
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
-use super::{authorized_operator, convert::node_to_proto, status_of};
+use super::convert::{artifact_to_proto, event_to_proto, node_to_proto};
+use super::{authorized_operator, status_of, status_of_artifact};
+use crate::artifacts::{ArtifactError, ArtifactRecord, ArtifactStore};
+use crate::events::EventLog;
 use crate::now_unix_ms;
 use crate::pki::Pki;
 use crate::registry::Registry;
@@ -18,11 +23,47 @@ pub struct OperatorApi {
     pub registry: Registry,
     pub pki: Arc<Pki>,
     pub sessions: Arc<SessionHub>,
+    pub artifacts: ArtifactStore,
+    pub events: EventLog,
     pub heartbeat_interval_secs: u32,
     pub max_token_ttl_secs: u64,
 }
 
 impl OperatorApi {
+    /// Receives one upload; every check runs as the bytes arrive.
+    async fn receive_artifact(
+        &self,
+        operator: &str,
+        mut stream: Streaming<PublishArtifactRequest>,
+        subject: &mut String,
+    ) -> Result<ArtifactRecord, ArtifactError> {
+        let first = stream.message().await.map_err(|status| {
+            ArtifactError::Io(std::io::Error::other(status.message().to_owned()))
+        })?;
+        let Some(PublishArtifactRequest {
+            part: Some(Part::SignedManifest(signed)),
+        }) = first
+        else {
+            return Err(ArtifactError::NoManifest);
+        };
+        if let Some(name) = crate::artifacts::subject_of(&signed) {
+            *subject = name;
+        }
+        let mut upload = tokio::task::block_in_place(|| self.artifacts.begin(&signed, operator))?;
+        while let Some(message) = stream.message().await.map_err(|status| {
+            ArtifactError::Io(std::io::Error::other(format!(
+                "upload stream broke: {}",
+                status.message()
+            )))
+        })? {
+            match message.part {
+                Some(Part::Data(data)) => tokio::task::block_in_place(|| upload.write(&data))?,
+                _ => return Err(ArtifactError::NoManifest),
+            }
+        }
+        tokio::task::block_in_place(|| self.artifacts.finish(upload))
+    }
+
     fn node_message(&self, node: &crate::registry::NodeRecord) -> Node {
         node_to_proto(node, now_unix_ms(), self.heartbeat_interval_secs)
     }
@@ -93,6 +134,73 @@ impl OperatorService for OperatorApi {
             token: created.token,
             expires_at_unix_ms: created.expires_at_ms,
             ca_sha256: self.pki.ca_sha256().to_owned(),
+        }))
+    }
+
+    async fn publish_artifact(
+        &self,
+        request: Request<Streaming<PublishArtifactRequest>>,
+    ) -> Result<Response<Artifact>, Status> {
+        let operator = authorized_operator(&request)?;
+        let actor = format!("operator:{operator}");
+        let mut subject = String::from("(unknown)");
+        let result = self
+            .receive_artifact(&operator, request.into_inner(), &mut subject)
+            .await;
+        let (action, reason) = match &result {
+            Ok(_) => ("artifact.publish", String::new()),
+            Err(error) => ("artifact.refused", error.to_string()),
+        };
+        self.events
+            .append(&actor, action, &subject, &reason)
+            .map_err(|e| status_of(e.into()))?;
+        match result {
+            Ok(record) => {
+                tracing::info!(%operator, artifact = %subject, "artifact published");
+                Ok(Response::new(artifact_to_proto(&record)))
+            }
+            Err(error) => {
+                tracing::warn!(%operator, artifact = %subject, %error, "artifact refused");
+                Err(status_of_artifact(&error))
+            }
+        }
+    }
+
+    async fn list_artifacts(
+        &self,
+        request: Request<ListArtifactsRequest>,
+    ) -> Result<Response<ListArtifactsResponse>, Status> {
+        authorized_operator(&request)?;
+        let records = self.artifacts.list().map_err(|e| status_of_artifact(&e))?;
+        Ok(Response::new(ListArtifactsResponse {
+            artifacts: records.iter().map(artifact_to_proto).collect(),
+        }))
+    }
+
+    async fn get_artifact(
+        &self,
+        request: Request<GetArtifactRequest>,
+    ) -> Result<Response<Artifact>, Status> {
+        authorized_operator(&request)?;
+        let request = request.into_inner();
+        let record = self
+            .artifacts
+            .get(&request.name, &request.version)
+            .map_err(|e| status_of_artifact(&e))?;
+        Ok(Response::new(artifact_to_proto(&record)))
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<ListEventsRequest>,
+    ) -> Result<Response<ListEventsResponse>, Status> {
+        authorized_operator(&request)?;
+        let events = self
+            .events
+            .list(&request.into_inner().action_prefix)
+            .map_err(|e| status_of(e.into()))?;
+        Ok(Response::new(ListEventsResponse {
+            events: events.iter().map(event_to_proto).collect(),
         }))
     }
 }

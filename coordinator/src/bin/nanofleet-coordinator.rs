@@ -5,6 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use nanofleet_artifact::signing::verifying_key_from_pem;
+use nanofleet_artifact::trust::{NamePattern, Revocation, TrustPolicy, TrustedKey};
+use nanofleet_coordinator::artifacts::TRUST_POLICY_FILE;
 use nanofleet_coordinator::config::CoordinatorConfig;
 use nanofleet_coordinator::pki::Pki;
 use serde::Serialize;
@@ -69,6 +72,100 @@ enum Command {
     },
     /// Serve the node, enrollment and operator APIs and the HTTP side.
     Serve,
+    /// The trust policy: which publisher keys may sign which artifacts. It lives on the
+    /// coordinator's disk and is changed here, not over the network API.
+    Trust {
+        #[command(subcommand)]
+        command: TrustCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TrustCommand {
+    /// Trust a publisher's ed25519 public key (PEM) for artifact names.
+    AddKey {
+        #[arg(long)]
+        key: PathBuf,
+        /// Artifact names it may sign: exact, or a prefix ending in `*`. Repeatable.
+        #[arg(long = "names", required = true)]
+        names: Vec<String>,
+        /// Accept its signatures only this long from now (key rotation), e.g. 365d.
+        #[arg(long)]
+        valid_for: Option<humantime::Duration>,
+    },
+    /// Withdraw a key: manifests it signed are refused from now on.
+    RevokeKey {
+        key_id: String,
+        #[arg(long, default_value = "revoked by operator")]
+        reason: String,
+    },
+    List,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn trust(config: &CoordinatorConfig, command: TrustCommand) -> anyhow::Result<()> {
+    let path = config.data_dir.join(TRUST_POLICY_FILE);
+    let policy = if path.exists() {
+        TrustPolicy::from_json(&std::fs::read(&path)?)
+            .with_context(|| format!("reading {}", path.display()))?
+    } else {
+        TrustPolicy::default()
+    };
+    let mut keys = policy.keys().to_vec();
+    match command {
+        TrustCommand::AddKey {
+            key,
+            names,
+            valid_for,
+        } => {
+            let pem = std::fs::read_to_string(&key)
+                .with_context(|| format!("reading {}", key.display()))?;
+            let public = verifying_key_from_pem(&pem)
+                .with_context(|| format!("{} is not an ed25519 public key", key.display()))?;
+            let patterns = names
+                .iter()
+                .map(|n| NamePattern::new(n))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut trusted = TrustedKey::new(public, patterns);
+            trusted.not_after_ms = valid_for.map(|d| now_ms() + d.as_millis() as u64);
+            keys.retain(|k| k.key_id != trusted.key_id);
+            println!("trusting key {} for {}", trusted.key_id, names.join(", "));
+            keys.push(trusted);
+        }
+        TrustCommand::RevokeKey { key_id, reason } => {
+            let key = keys
+                .iter_mut()
+                .find(|k| k.key_id.to_string() == key_id)
+                .with_context(|| format!("no key {key_id} in {}", path.display()))?;
+            key.revoked = Some(Revocation {
+                at_ms: now_ms(),
+                reason,
+            });
+            println!("revoked key {key_id}");
+        }
+        TrustCommand::List => {
+            for key in &keys {
+                let names: Vec<_> = key.allowed_names.iter().map(|n| n.as_str()).collect();
+                let state = match &key.revoked {
+                    Some(r) => format!("revoked: {}", r.reason),
+                    None => "trusted".to_owned(),
+                };
+                println!("{}  {:<30}  {}", key.key_id, names.join(","), state);
+            }
+            return Ok(());
+        }
+    }
+    let policy = TrustPolicy::new(keys)?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, policy.to_json_pretty())?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
 }
 
 /// Writes `cli.toml` beside the operator credentials, so that
@@ -138,6 +235,7 @@ fn main() -> anyhow::Result<()> {
                 out.display()
             );
         }
+        Command::Trust { command } => trust(&config, command)?,
         Command::Serve => {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(nanofleet_coordinator::server::run(config))?;

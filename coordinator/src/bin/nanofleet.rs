@@ -4,8 +4,13 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use nanofleet_artifact::gguf::{GgufHeader, Limits};
+use nanofleet_artifact::manifest::{ArtifactFormat, ArtifactKind, Chunker, Manifest, Provenance};
+use nanofleet_artifact::signing::{
+    key_id, signing_key_from_pem, signing_key_to_pem, verifying_key_to_pem, SignedManifest,
+};
 use nanofleet_proto::v1 as pb;
 use nanofleet_proto::v1::operator_service_client::OperatorServiceClient;
 use nanofleet_transport::{error_chain, ClientTls};
@@ -61,6 +66,80 @@ enum Command {
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Signed model artifacts: keys, manifests, signatures, publishing.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Recorded facts (publishes, refusals), oldest first.
+    Events {
+        /// Only actions starting with this, e.g. `artifact.refused`.
+        #[arg(long, default_value = "")]
+        action: String,
+    },
+}
+
+/// What goes into a manifest besides the file's own bytes and header.
+#[derive(clap::Args, Clone)]
+struct ManifestFlags {
+    #[arg(long)]
+    name: String,
+    #[arg(long)]
+    version: String,
+    #[arg(long, default_value = "apache-2.0")]
+    license: String,
+    /// JSON file with training-data provenance: {"sources": [{"uri", "sha256", "description"}], "federated": null}.
+    #[arg(long)]
+    provenance: Option<PathBuf>,
+    /// Chunk size in bytes; downloads resume and verify per chunk.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    chunk_size: u64,
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Create an ed25519 publisher key pair: DIR/publisher.key (0600) and DIR/publisher.pub.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Compute the manifest of a GGUF file (chunk digests, header facts) and print it.
+    Manifest {
+        file: PathBuf,
+        #[command(flatten)]
+        manifest: ManifestFlags,
+    },
+    /// Sign a manifest offline with a publisher key; prints the signed manifest. A
+    /// signed manifest given as input gets one more signature.
+    Sign {
+        manifest: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Publish a file: with --key, build and sign its manifest here; with
+    /// --signed-manifest, upload one signed offline.
+    Publish {
+        file: PathBuf,
+        #[arg(long, conflicts_with = "signed_manifest")]
+        key: Option<PathBuf>,
+        #[arg(long)]
+        signed_manifest: Option<PathBuf>,
+        #[arg(long, required_unless_present = "signed_manifest")]
+        name: Option<String>,
+        #[arg(long, required_unless_present = "signed_manifest")]
+        version: Option<String>,
+        #[arg(long, default_value = "apache-2.0")]
+        license: String,
+        #[arg(long)]
+        provenance: Option<PathBuf>,
+        #[arg(long, default_value_t = 4 * 1024 * 1024)]
+        chunk_size: u64,
+    },
+    List,
+    /// Print an artifact's signed manifest: NAME@VERSION.
+    Show {
+        reference: String,
     },
 }
 
@@ -138,8 +217,13 @@ async fn client(cli: &Cli) -> anyhow::Result<OperatorServiceClient<tonic::transp
 }
 
 fn status_error(status: tonic::Status) -> anyhow::Error {
+    use std::error::Error;
     // Transport failures (a refused handshake, say) keep their reason in the source chain.
-    anyhow::anyhow!("{:?}: {}", status.code(), error_chain(&status))
+    let message = match status.source() {
+        Some(_) => error_chain(&status),
+        None => status.message().to_owned(),
+    };
+    anyhow::anyhow!("{:?}: {message}", status.code())
 }
 
 fn time_text(unix_ms: i64) -> String {
@@ -214,74 +298,351 @@ fn print_node_table(nodes: &[pb::Node]) {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut client = client(&cli).await?;
     match &cli.command {
-        Command::Nodes { command } => match command {
-            NodesCommand::List => {
-                let nodes = client
-                    .list_nodes(pb::ListNodesRequest {})
-                    .await
-                    .map_err(status_error)?
-                    .into_inner()
-                    .nodes;
-                if cli.json {
-                    let list: Vec<_> = nodes.iter().map(node_json).collect();
-                    println!("{}", serde_json::to_string_pretty(&list)?);
-                } else {
-                    print_node_table(&nodes);
-                }
+        Command::Model { command } => model(&cli, command).await?,
+        Command::Nodes { command } => nodes(&cli, command).await?,
+        Command::Token { command } => token(&cli, command).await?,
+        Command::Events { action } => events(&cli, action).await?,
+    }
+    Ok(())
+}
+
+async fn nodes(cli: &Cli, command: &NodesCommand) -> anyhow::Result<()> {
+    let mut client = client(cli).await?;
+    match command {
+        NodesCommand::List => {
+            let nodes = client
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .nodes;
+            if cli.json {
+                let list: Vec<_> = nodes.iter().map(node_json).collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_node_table(&nodes);
             }
-            NodesCommand::Show { id } => {
-                let node = client
-                    .get_node(pb::GetNodeRequest { id: id.clone() })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
+        }
+        NodesCommand::Show { id } => {
+            let node = client
+                .get_node(pb::GetNodeRequest { id: id.clone() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{}", serde_json::to_string_pretty(&node_json(&node))?);
+        }
+        NodesCommand::Revoke { id, reason } => {
+            let node = client
+                .revoke_node(pb::RevokeNodeRequest {
+                    id: id.clone(),
+                    reason: reason.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if cli.json {
                 println!("{}", serde_json::to_string_pretty(&node_json(&node))?);
+            } else {
+                println!("revoked node {} ({})", node.id, node.revoked_reason);
             }
-            NodesCommand::Revoke { id, reason } => {
-                let node = client
-                    .revoke_node(pb::RevokeNodeRequest {
-                        id: id.clone(),
-                        reason: reason.clone(),
-                    })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                if cli.json {
-                    println!("{}", serde_json::to_string_pretty(&node_json(&node))?);
-                } else {
-                    println!("revoked node {} ({})", node.id, node.revoked_reason);
+        }
+    }
+    Ok(())
+}
+
+async fn token(cli: &Cli, command: &TokenCommand) -> anyhow::Result<()> {
+    let mut client = client(cli).await?;
+    match command {
+        TokenCommand::Create { ttl, labels } => {
+            let created = client
+                .create_token(pb::CreateTokenRequest {
+                    ttl_secs: ttl.as_secs(),
+                    labels: parse_labels(labels)?.into_iter().collect(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({
+                        "token": created.token,
+                        "expires_at": time_text(created.expires_at_unix_ms),
+                        "ca_sha256": created.ca_sha256,
+                    }))?
+                );
+            } else {
+                println!("token:      {}", created.token);
+                println!("expires at: {}", time_text(created.expires_at_unix_ms));
+                println!("CA sha256:  {}", created.ca_sha256);
+                println!("(shown once; it enrolls exactly one device)");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn events(cli: &Cli, action: &str) -> anyhow::Result<()> {
+    let events = client(cli)
+        .await?
+        .list_events(pb::ListEventsRequest {
+            action_prefix: action.to_owned(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .events;
+    if cli.json {
+        let list: Vec<_> = events
+            .iter()
+            .map(|e| {
+                json!({"time": time_text(e.time_unix_ms), "actor": e.actor,
+                               "action": e.action, "subject": e.subject, "reason": e.reason})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        for e in &events {
+            println!(
+                "{}  {:<20}  {:<18}  {:<36}  {}",
+                time_text(e.time_unix_ms),
+                e.actor,
+                e.action,
+                e.subject,
+                e.reason
+            );
+        }
+    }
+    Ok(())
+}
+
+fn read_text(path: &std::path::Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Builds the manifest of `file`: its chunks and digest, and what its GGUF header says.
+fn build_manifest(file: &std::path::Path, flags: &ManifestFlags) -> anyhow::Result<Manifest> {
+    let open = || std::fs::File::open(file).with_context(|| format!("opening {}", file.display()));
+    let header = GgufHeader::read_from(std::io::BufReader::new(open()?), &Limits::default())
+        .with_context(|| format!("{} is not a GGUF model", file.display()))?;
+    let summary = header.summary();
+    let content = Chunker::digest_reader(flags.chunk_size, std::io::BufReader::new(open()?))?;
+    header
+        .validate_against_size(content.size)
+        .with_context(|| {
+            format!(
+                "{} does not hold the tensors its header lists",
+                file.display()
+            )
+        })?;
+    let provenance = match &flags.provenance {
+        Some(path) => serde_json::from_str(&read_text(path)?)
+            .with_context(|| format!("{} is not a provenance JSON document", path.display()))?,
+        None => Provenance::default(),
+    };
+    let manifest = Manifest {
+        name: flags.name.clone(),
+        version: flags.version.clone(),
+        kind: ArtifactKind::Model,
+        format: ArtifactFormat::Gguf,
+        architecture: summary.architecture.unwrap_or_default(),
+        quantization: summary.quantization.unwrap_or_default(),
+        size: content.size,
+        sha256: content.sha256,
+        chunk_size: content.chunk_size,
+        chunks: content.chunks,
+        base_model: None,
+        license: flags.license.clone(),
+        provenance,
+        created_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64,
+    };
+    manifest.validate()?;
+    Ok(manifest)
+}
+
+fn sign(manifest_json: &[u8], key_path: &std::path::Path) -> anyhow::Result<SignedManifest> {
+    let key = signing_key_from_pem(&read_text(key_path)?)
+        .with_context(|| format!("{} is not an ed25519 private key", key_path.display()))?;
+    // A signed manifest gets one more signature; a bare one gets its first.
+    Ok(match SignedManifest::from_json(manifest_json) {
+        Ok(mut signed) => {
+            signed.add_signature(&key);
+            signed
+        }
+        Err(_) => SignedManifest::sign(Manifest::from_json(manifest_json)?, &key)?,
+    })
+}
+
+async fn model(cli: &Cli, command: &ModelCommand) -> anyhow::Result<()> {
+    let json_output = cli.json;
+    match command {
+        ModelCommand::Keygen { out } => {
+            std::fs::create_dir_all(out)?;
+            let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+            let private = out.join("publisher.key");
+            nanofleet_transport::write_private_file(&private, signing_key_to_pem(&key).as_bytes())
+                .with_context(|| format!("writing {}", private.display()))?;
+            let public = out.join("publisher.pub");
+            std::fs::write(&public, verifying_key_to_pem(&key.verifying_key()))?;
+            println!(
+                "key id {}\nprivate key {} (0600; keep it off the coordinator)\npublic key  {} (add it to trust policies)",
+                key_id(&key.verifying_key()),
+                private.display(),
+                public.display()
+            );
+        }
+        ModelCommand::Manifest { file, manifest } => {
+            println!("{}", build_manifest(file, manifest)?.to_json_pretty());
+        }
+        ModelCommand::Sign { manifest, key } => {
+            let bytes = std::fs::read(manifest)
+                .with_context(|| format!("reading {}", manifest.display()))?;
+            println!("{}", sign(&bytes, key)?.to_json_pretty());
+        }
+        ModelCommand::Publish {
+            file,
+            key,
+            signed_manifest,
+            name,
+            version,
+            license,
+            provenance,
+            chunk_size,
+        } => {
+            let signed = match (signed_manifest, key) {
+                (Some(path), _) => {
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
                 }
-            }
-        },
-        Command::Token { command } => match command {
-            TokenCommand::Create { ttl, labels } => {
-                let created = client
-                    .create_token(pb::CreateTokenRequest {
-                        ttl_secs: ttl.as_secs(),
-                        labels: parse_labels(labels)?.into_iter().collect(),
-                    })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                if cli.json {
+                (None, Some(key)) => {
+                    let flags = ManifestFlags {
+                        name: name.clone().unwrap_or_default(),
+                        version: version.clone().unwrap_or_default(),
+                        license: license.clone(),
+                        provenance: provenance.clone(),
+                        chunk_size: *chunk_size,
+                    };
+                    let manifest = build_manifest(file, &flags)?;
+                    sign(manifest.to_json_pretty().as_bytes(), key)?
+                        .to_json_pretty()
+                        .into_bytes()
+                }
+                (None, None) => {
+                    bail!("publish needs --key (sign here) or --signed-manifest (signed offline)")
+                }
+            };
+            let file = file.clone();
+            let (sender, receiver) = tokio::sync::mpsc::channel(4);
+            // Read the file on a blocking thread, frame by frame: memory stays bounded.
+            let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+                use std::io::Read;
+                let send =
+                    |part| sender.blocking_send(pb::PublishArtifactRequest { part: Some(part) });
+                if send(pb::publish_artifact_request::Part::SignedManifest(signed)).is_err() {
+                    return Ok(0);
+                }
+                let mut input = std::fs::File::open(&file)
+                    .with_context(|| format!("opening {}", file.display()))?;
+                let mut sent = 0u64;
+                loop {
+                    let mut frame = vec![0u8; UPLOAD_FRAME_BYTES];
+                    let n = input.read(&mut frame)?;
+                    if n == 0 {
+                        return Ok(sent);
+                    }
+                    frame.truncate(n);
+                    sent += n as u64;
+                    if send(pb::publish_artifact_request::Part::Data(frame)).is_err() {
+                        return Ok(sent);
+                    }
+                }
+            });
+            let response = client(cli)
+                .await?
+                .publish_artifact(tokio_stream::wrappers::ReceiverStream::new(receiver))
+                .await;
+            reader.await??;
+            let artifact = response.map_err(status_error)?.into_inner();
+            print_artifact(&artifact, json_output)?;
+        }
+        ModelCommand::List => {
+            let artifacts = client(cli)
+                .await?
+                .list_artifacts(pb::ListArtifactsRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .artifacts;
+            if json_output {
+                let list: Vec<_> = artifacts.iter().map(artifact_json).collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<40}  {:<10}  {:<8}  {:>10}  {:<16}  SHA256",
+                    "ARTIFACT", "ARCH", "QUANT", "MiB", "SIGNER"
+                );
+                for a in &artifacts {
                     println!(
-                        "{}",
-                        serde_json::to_string_pretty(&json!({
-                            "token": created.token,
-                            "expires_at": time_text(created.expires_at_unix_ms),
-                            "ca_sha256": created.ca_sha256,
-                        }))?
+                        "{:<40}  {:<10}  {:<8}  {:>10.1}  {:<16}  {}",
+                        format!("{}@{}", a.name, a.version),
+                        a.architecture,
+                        a.quantization,
+                        a.size as f64 / (1024.0 * 1024.0),
+                        a.signer_key_ids.join(","),
+                        a.sha256
                     );
-                } else {
-                    println!("token:      {}", created.token);
-                    println!("expires at: {}", time_text(created.expires_at_unix_ms));
-                    println!("CA sha256:  {}", created.ca_sha256);
-                    println!("(shown once; it enrolls exactly one device)");
                 }
             }
-        },
+        }
+        ModelCommand::Show { reference } => {
+            let (name, version) = reference
+                .split_once('@')
+                .context("give the artifact as NAME@VERSION")?;
+            let artifact = client(cli)
+                .await?
+                .get_artifact(pb::GetArtifactRequest {
+                    name: name.to_owned(),
+                    version: version.to_owned(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{}", String::from_utf8_lossy(&artifact.signed_manifest));
+        }
+    }
+    Ok(())
+}
+
+/// Size of the data frames of an upload: well under the coordinator's message limit.
+const UPLOAD_FRAME_BYTES: usize = 256 * 1024;
+
+fn artifact_json(a: &pb::Artifact) -> serde_json::Value {
+    json!({
+        "name": a.name, "version": a.version, "kind": a.kind, "format": a.format,
+        "architecture": a.architecture, "quantization": a.quantization, "size": a.size,
+        "sha256": a.sha256, "chunks": a.chunk_count, "license": a.license,
+        "signer_key_ids": a.signer_key_ids, "published_at": time_text(a.published_at_unix_ms),
+        "published_by": a.published_by,
+    })
+}
+
+fn print_artifact(a: &pb::Artifact, json_output: bool) -> anyhow::Result<()> {
+    if json_output {
+        println!("{}", serde_json::to_string_pretty(&artifact_json(a))?);
+    } else {
+        println!(
+            "published {}@{} ({} {}, {} bytes in {} chunks, sha256 {}, signed by {})",
+            a.name,
+            a.version,
+            a.architecture,
+            a.quantization,
+            a.size,
+            a.chunk_count,
+            a.sha256,
+            a.signer_key_ids.join(",")
+        );
     }
     Ok(())
 }

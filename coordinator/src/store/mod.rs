@@ -15,6 +15,10 @@ pub enum Keyspace {
     Nodes,
     /// SHA-256 of a bootstrap token → token record.
     Tokens,
+    /// `name@version` → published artifact record (manifest, signer, time).
+    Artifacts,
+    /// Big-endian sequence number → event.
+    Events,
 }
 
 impl Keyspace {
@@ -22,6 +26,8 @@ impl Keyspace {
         match self {
             Keyspace::Nodes => "nodes",
             Keyspace::Tokens => "tokens",
+            Keyspace::Artifacts => "artifacts",
+            Keyspace::Events => "events",
         }
     }
 }

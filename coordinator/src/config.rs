@@ -25,6 +25,10 @@ pub struct CoordinatorConfig {
     pub max_message_bytes: usize,
     /// Upper bound for the lifetime of a bootstrap token.
     pub max_token_ttl_secs: u64,
+    /// Download rate limit per agent stream, bytes per second; 0 = none.
+    pub download_bytes_per_sec: u64,
+    /// How long a rollout wave may take to become healthy unless the rollout says.
+    pub rollout_wave_timeout_secs: u32,
     /// Log filter in `tracing_subscriber::EnvFilter` syntax (`RUST_LOG` wins when set).
     pub log: String,
 }
@@ -38,6 +42,8 @@ impl Default for CoordinatorConfig {
             heartbeat_interval_secs: 10,
             max_message_bytes: 1024 * 1024,
             max_token_ttl_secs: 7 * 24 * 3600,
+            download_bytes_per_sec: 0,
+            rollout_wave_timeout_secs: 600,
             log: "info".to_owned(),
         }
     }
@@ -58,6 +64,8 @@ impl CoordinatorConfig {
                 "heartbeat_interval_secs",
                 "max_message_bytes",
                 "max_token_ttl_secs",
+                "download_bytes_per_sec",
+                "rollout_wave_timeout_secs",
                 "log",
             ],
             flags,

@@ -14,6 +14,7 @@ pub mod http;
 pub mod identity;
 pub mod pki;
 pub mod registry;
+pub mod rollouts;
 pub mod server;
 pub mod sessions;
 pub mod store;

@@ -13,15 +13,17 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
-use crate::api::{EnrollmentApi, NodeApi, OperatorApi};
+use crate::api::{deliver, EnrollmentApi, NodeApi, OperatorApi};
 use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::config::CoordinatorConfig;
 use crate::events::EventLog;
 use crate::pki::{Pki, PkiError};
 use crate::registry::Registry;
+use crate::rollouts::Rollouts;
 use crate::sessions::SessionHub;
 use crate::store::{KvStore, SledStore, StoreError};
 use crate::telemetry::{Telemetry, TelemetryError};
+use tracing::Instrument;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -61,6 +63,29 @@ async fn shutdown_signal() {
     }
 }
 
+/// Moves running rollouts forward twice a second until shutdown.
+async fn rollout_engine(
+    rollouts: Rollouts,
+    artifacts: ArtifactStore,
+    sessions: Arc<SessionHub>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = ticker.tick() => {}
+        }
+        let engine = rollouts.clone();
+        match tokio::task::spawn_blocking(move || engine.tick()).await {
+            Ok(Ok(assignments)) => deliver(&artifacts, &sessions, assignments),
+            Ok(Err(error)) => tracing::error!(%error, "rollout step failed"),
+            Err(error) => tracing::error!(%error, "rollout step panicked"),
+        }
+    }
+}
+
 /// Runs the coordinator until a shutdown signal arrives.
 pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
     nanofleet_transport::raise_open_file_limit();
@@ -69,6 +94,14 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
     let registry = Registry::new(store.clone());
     let artifacts = ArtifactStore::open(store.clone(), &config.data_dir)?;
     let events = EventLog::open(store.clone())?;
+    let rollouts = Rollouts::new(
+        store.clone(),
+        registry.clone(),
+        artifacts.clone(),
+        events.clone(),
+        Duration::from_secs(u64::from(config.rollout_wave_timeout_secs)),
+        config.heartbeat_interval_secs,
+    );
     let sessions = Arc::new(SessionHub::default());
     let telemetry = Arc::new(Telemetry::new(
         registry.clone(),
@@ -124,21 +157,27 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
     let node = NodeServiceServer::new(NodeApi {
         registry: registry.clone(),
         sessions: sessions.clone(),
+        artifacts: artifacts.clone(),
+        rollouts: rollouts.clone(),
+        events: events.clone(),
         heartbeat_interval_secs: interval,
+        download_bytes_per_sec: config.download_bytes_per_sec,
         metrics: telemetry.metrics.clone(),
     })
     .max_decoding_message_size(limit);
     let operator = OperatorServiceServer::new(OperatorApi {
         registry,
         pki: pki.clone(),
-        sessions,
-        artifacts,
+        sessions: sessions.clone(),
+        artifacts: artifacts.clone(),
         events,
+        rollouts: rollouts.clone(),
         heartbeat_interval_secs: interval,
         max_token_ttl_secs: config.max_token_ttl_secs,
     })
     .max_decoding_message_size(limit);
 
+    let sessions_for_engine = sessions;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -173,8 +212,12 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
             TcpListenerStream::new(grpc_listener),
             stopped(stop_rx.clone()),
         );
-    let http = crate::http::serve(http_listener, telemetry, stopped(stop_rx));
+    let http = crate::http::serve(http_listener, telemetry, stopped(stop_rx.clone()));
 
+    tokio::spawn(
+        rollout_engine(rollouts, artifacts, sessions_for_engine, stopped(stop_rx))
+            .instrument(tracing::info_span!("rollout_engine")),
+    );
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down");

@@ -37,6 +37,17 @@ impl SessionHub {
         }
     }
 
+    /// Sends `command` on every open stream of `node_id`; false when none is open (the
+    /// node gets its desired state when it reconnects).
+    pub fn send(&self, node_id: &str, command: Command) -> bool {
+        let streams = self.streams.lock().expect("session lock");
+        let mut delivered = false;
+        for sender in streams.get(node_id).into_iter().flatten() {
+            delivered |= sender.try_send(Ok(command.clone())).is_ok();
+        }
+        delivered
+    }
+
     /// Number of nodes with at least one open stream.
     pub fn connected(&self) -> usize {
         let mut streams = self.streams.lock().expect("session lock");

@@ -23,6 +23,11 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     /// Upper bound of the jittered exponential reconnect delay, milliseconds.
     pub reconnect_max_ms: u64,
+    /// Trust policy (JSON, as `nanofleet-coordinator trust` writes it) naming the keys
+    /// whose signed artifacts this device accepts. Without one, nothing is activated.
+    pub trust_policy: Option<PathBuf>,
+    /// Download rate limit, bytes per second; 0 = none (the coordinator may limit too).
+    pub download_limit_bytes_per_sec: u64,
     /// Log filter in `tracing_subscriber::EnvFilter` syntax (`RUST_LOG` wins when set).
     pub log: String,
 }
@@ -36,6 +41,8 @@ impl Default for AgentConfig {
             token: None,
             labels: BTreeMap::new(),
             reconnect_max_ms: 10_000,
+            trust_policy: None,
+            download_limit_bytes_per_sec: 0,
             log: "info".to_owned(),
         }
     }

@@ -2,6 +2,7 @@
 //! agent-initiated session to it (heartbeats with device facts, a command stream), and
 //! keeps its identity in its own data directory. See ARCHITECTURE.md for the map.
 
+pub mod artifacts;
 pub mod backoff;
 pub mod config;
 pub mod enroll;

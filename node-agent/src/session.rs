@@ -6,9 +6,16 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use nanofleet_proto::v1::{
-    command, node_service_client::NodeServiceClient, HeartbeatRequest, SubscribeRequest,
+    command, node_service_client::NodeServiceClient, ArtifactReport, ArtifactState, AssignArtifact,
+    Command, HeartbeatRequest, SubscribeRequest,
 };
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+use crate::artifacts::{ApplyError, ArtifactManager};
 use nanofleet_transport::error_chain;
 use tonic::Code;
 use tracing::Instrument;
@@ -38,15 +45,67 @@ fn classify(status: tonic::Status) -> SessionError {
 pub struct SessionOptions {
     pub labels: BTreeMap<String, String>,
     pub reconnect_max: Duration,
+    pub artifacts: Arc<ArtifactManager>,
+}
+
+/// An assignment and the connection to fetch it over.
+type ArtifactJob = (AssignArtifact, NodeServiceClient<Channel>);
+
+/// Applies assignments one at a time and reports the outcome. An interrupted download
+/// is retried a few times; after that, the next reconnect brings the assignment again.
+async fn artifact_worker(artifacts: Arc<ArtifactManager>, mut jobs: mpsc::Receiver<ArtifactJob>) {
+    while let Some((assign, mut client)) = jobs.recv().await {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = artifacts.apply(&mut client, &assign).await;
+            let report = match result {
+                Ok(Some(report)) => report,
+                Ok(None) => break,
+                Err(ApplyError::Interrupted(reason)) if attempt < 5 => {
+                    tracing::warn!(%reason, attempt, "download interrupted; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Err(error) => {
+                    tracing::error!(%error, name = %assign.name, "artifact refused");
+                    ArtifactReport {
+                        rollout_id: assign.rollout_id.clone(),
+                        name: assign.name.clone(),
+                        version: version_of(&assign),
+                        state: ArtifactState::Failed as i32,
+                        reason: error.to_string(),
+                        ..Default::default()
+                    }
+                }
+            };
+            if let Err(status) = client.report_artifact(report).await {
+                tracing::warn!(status = %status.message(), "could not report the artifact's state");
+            }
+            break;
+        }
+    }
+}
+
+/// The version an assignment names, read without trusting it (for failure reports).
+fn version_of(assign: &AssignArtifact) -> String {
+    nanofleet_artifact::signing::SignedManifest::from_json(&assign.signed_manifest)
+        .map(|s| s.manifest.version)
+        .unwrap_or_default()
 }
 
 /// Runs until the device is refused; returns that refusal.
 pub async fn run(identity: Identity, options: SessionOptions) -> SessionError {
     let mut backoff = Backoff::new(Duration::from_millis(250), options.reconnect_max);
+    let (jobs, queue) = mpsc::channel(16);
+    tokio::spawn(
+        artifact_worker(options.artifacts.clone(), queue)
+            .instrument(tracing::info_span!("artifacts", node = %identity.node_id)),
+    );
     let mut sequence = 0u64;
     loop {
         let span = tracing::info_span!("session", node = %identity.node_id);
-        let result = connect_once(&identity, &options, &mut sequence, &mut backoff)
+        let result = connect_once(&identity, &options, &jobs, &mut sequence, &mut backoff)
             .instrument(span)
             .await;
         match result {
@@ -64,6 +123,7 @@ pub async fn run(identity: Identity, options: SessionOptions) -> SessionError {
 async fn connect_once(
     identity: &Identity,
     options: &SessionOptions,
+    jobs: &mpsc::Sender<ArtifactJob>,
     sequence: &mut u64,
     backoff: &mut Backoff,
 ) -> SessionError {
@@ -117,6 +177,12 @@ async fn connect_once(
                 }
             }
             message = stream.message() => match message {
+                Ok(Some(Command { body: Some(command::Body::Assign(assign)) })) => {
+                    tracing::info!(name = %assign.name, rollout = %assign.rollout_id, "assignment received");
+                    if jobs.send((assign, client.clone())).await.is_err() {
+                        return SessionError::Transient("artifact worker stopped".into());
+                    }
+                }
                 Ok(Some(command)) => tracing::debug!(?command, "command received"),
                 Ok(None) => return SessionError::Transient("command stream ended".into()),
                 Err(status) => return classify(status),

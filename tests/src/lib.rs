@@ -72,6 +72,8 @@ pub struct Coordinator {
     pub grpc_port: u16,
     pub http_port: u16,
     pub heartbeat_secs: u32,
+    /// Extra `serve` flags, e.g. a download rate limit.
+    pub serve_flags: Vec<String>,
     child: Option<Child>,
     starts: u32,
 }
@@ -84,6 +86,7 @@ impl Coordinator {
             grpc_port: free_port(),
             http_port: free_port(),
             heartbeat_secs: 1,
+            serve_flags: Vec::new(),
             child: None,
             starts: 0,
         };
@@ -115,7 +118,10 @@ impl Coordinator {
         assert!(self.child.is_none(), "coordinator already running");
         self.starts += 1;
         let mut command = Command::new(bin("nanofleet-coordinator"));
-        command.args(self.flags()).arg("serve");
+        command
+            .args(self.flags())
+            .args(&self.serve_flags)
+            .arg("serve");
         let log = self.dir.join(format!("serve-{}.log", self.starts));
         self.child = Some(spawn_logged(command, &log));
         let ready = wait_until(Duration::from_secs(20), || self.healthy());
@@ -245,30 +251,69 @@ pub struct Agent {
     pub dir: PathBuf,
     child: Option<Child>,
     log: PathBuf,
+    args: Vec<String>,
+    starts: u32,
 }
 
 impl Agent {
     /// Starts `nanofleet-agent run`, enrolling with `token`.
     pub fn start(root: &Path, name: &str, coordinator: &Coordinator, token: &str) -> Self {
+        Self::start_with(root, name, coordinator, token, &[])
+    }
+
+    /// Like [`Agent::start`], with extra flags (a trust policy, a rate limit, ...).
+    pub fn start_with(
+        root: &Path,
+        name: &str,
+        coordinator: &Coordinator,
+        token: &str,
+        extra: &[&str],
+    ) -> Self {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).expect("agent dir");
-        let log = root.join(format!("{name}.log"));
+        let mut args: Vec<String> = vec![
+            "--data-dir".into(),
+            dir.display().to_string(),
+            "--coordinator".into(),
+            coordinator.url(),
+            "--ca-cert".into(),
+            coordinator.ca_cert().display().to_string(),
+            "--token".into(),
+            token.into(),
+            "--label".into(),
+            format!("agent={name}"),
+            "--reconnect-max-ms".into(),
+            "1000".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut agent = Self {
             dir,
             child: None,
-            log,
+            log: root.join(format!("{name}.log")),
+            args,
+            starts: 0,
         };
-        let mut command = Command::new(bin("nanofleet-agent"));
-        command
-            .args(["--data-dir", &agent.dir.display().to_string()])
-            .args(["--coordinator", &coordinator.url()])
-            .args(["--ca-cert", &coordinator.ca_cert().display().to_string()])
-            .args(["--token", token])
-            .args(["--label", &format!("agent={name}")])
-            .args(["--reconnect-max-ms", "1000"])
-            .arg("run");
-        agent.child = Some(spawn_logged(command, &agent.log));
+        agent.restart();
         agent
+    }
+
+    /// Starts the process (again) with the same data directory and flags.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        self.starts += 1;
+        let mut command = Command::new(bin("nanofleet-agent"));
+        command.args(&self.args).arg("run");
+        if self.starts > 1 {
+            self.log = self.log.with_extension(format!("{}.log", self.starts));
+        }
+        self.child = Some(spawn_logged(command, &self.log));
+    }
+
+    /// SIGKILL, as a power cut would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill(&mut child, libc::SIGKILL);
+        }
     }
 
     /// The node id, once enrollment has written the identity.
@@ -399,6 +444,11 @@ pub async fn raw_unary(
 /// A tiny but valid GGUF model file (llama architecture, Q8_0 weights, random values),
 /// about 9 KiB: enough to exercise chunking, digests and header checks quickly.
 pub fn tiny_gguf(architecture: &str, seed: u8) -> Vec<u8> {
+    gguf_with_rows(architecture, seed, 128)
+}
+
+/// A valid GGUF with two Q8_0 tensors of `rows` rows each (34 bytes a row).
+pub fn gguf_with_rows(architecture: &str, seed: u8, rows: u64) -> Vec<u8> {
     use nanofleet_artifact::gguf::{GgmlType, GgufWriter, MetadataValue};
     let block = |i: usize| -> Vec<u8> {
         // Q8_0 block: f16 scale (1.0) then 32 int8 quants.
@@ -424,14 +474,14 @@ pub fn tiny_gguf(architecture: &str, seed: u8) -> Vec<u8> {
         .tensor(
             "blk.0.attn_q.weight",
             GgmlType::Q8_0,
-            &[32, 128],
-            tensor(128),
+            &[32, rows],
+            tensor(rows as usize),
         )
         .tensor(
             "blk.0.ffn_up.weight",
             GgmlType::Q8_0,
-            &[32, 128],
-            tensor(128),
+            &[32, rows],
+            tensor(rows as usize),
         )
         .to_bytes()
         .expect("tiny GGUF encodes")

@@ -5,6 +5,7 @@ use nanofleet_proto::v1 as pb;
 use crate::artifacts::ArtifactRecord;
 use crate::events::Event;
 use crate::registry::{Accelerator, DeviceFacts, NodeRecord, NodeStatus, PowerSource};
+use crate::rollouts::{NodeVerdict, Rollout, RolloutError, RolloutState, Rollouts};
 
 pub fn facts_from_proto(facts: Option<pb::DeviceFacts>) -> DeviceFacts {
     let Some(f) = facts else {
@@ -114,6 +115,84 @@ pub fn artifact_to_proto(record: &ArtifactRecord) -> pb::Artifact {
         published_by: record.published_by.clone(),
         signed_manifest: record.signed.to_json_pretty().into_bytes(),
     }
+}
+
+/// A rollout with each wave's nodes and how they stand against the gate.
+pub fn rollout_to_proto(
+    rollout: &Rollout,
+    rollouts: &Rollouts,
+) -> Result<pb::Rollout, RolloutError> {
+    let mut waves = Vec::with_capacity(rollout.ends.len());
+    for (index, percent) in rollout.percents.iter().enumerate() {
+        let state = match rollout.current_wave.cmp(&index) {
+            std::cmp::Ordering::Greater => "passed",
+            std::cmp::Ordering::Less => "waiting",
+            std::cmp::Ordering::Equal => match rollout.state {
+                RolloutState::Halted => "failed",
+                RolloutState::Completed => "passed",
+                _ => "running",
+            },
+        };
+        let nodes = if index <= rollout.current_wave.min(rollout.ends.len() - 1) {
+            rollouts
+                .wave_status(rollout, index)?
+                .into_iter()
+                .map(|(node_id, verdict, report)| {
+                    let bytes_fetched = report
+                        .filter(|r| r.version == rollout.version)
+                        .map_or(0, |r| r.bytes_fetched);
+                    let (state, reason) = if rollout.rolled_back.contains(&node_id) {
+                        ("rolled_back", String::new())
+                    } else {
+                        match verdict {
+                            NodeVerdict::Pending(what) => (what, String::new()),
+                            NodeVerdict::Healthy => ("healthy", String::new()),
+                            NodeVerdict::Failed(reason) => ("failed", reason),
+                        }
+                    };
+                    pb::RolloutNode {
+                        node_id,
+                        state: state.to_owned(),
+                        reason,
+                        bytes_fetched,
+                    }
+                })
+                .collect()
+        } else {
+            rollout
+                .wave_nodes(index)
+                .iter()
+                .map(|node_id| pb::RolloutNode {
+                    node_id: node_id.clone(),
+                    state: "waiting".to_owned(),
+                    reason: String::new(),
+                    bytes_fetched: 0,
+                })
+                .collect()
+        };
+        waves.push(pb::Wave {
+            percent: *percent,
+            state: state.to_owned(),
+            nodes,
+        });
+    }
+    Ok(pb::Rollout {
+        id: rollout.id.clone(),
+        artifact: rollout.artifact(),
+        selector: rollout.selector_text.clone(),
+        state: rollout.state.as_str().to_owned(),
+        reason: rollout.reason.clone(),
+        current_wave: rollout.current_wave as u32,
+        waves,
+        gate: Some(pb::Gate {
+            require_smoke: rollout.gate.require_smoke,
+            max_error_rate: rollout.gate.max_error_rate,
+            max_p95_latency_ms: rollout.gate.max_p95_latency_ms,
+            wave_timeout_secs: rollout.gate.wave_timeout_secs,
+        }),
+        created_at_unix_ms: rollout.created_at_ms,
+        created_by: rollout.created_by.clone(),
+    })
 }
 
 pub fn event_to_proto(event: &Event) -> pb::Event {

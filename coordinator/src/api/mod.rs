@@ -7,7 +7,7 @@ mod node;
 mod operator;
 
 pub use enrollment::EnrollmentApi;
-pub use node::NodeApi;
+pub use node::{assignment_command, NodeApi};
 pub use operator::OperatorApi;
 
 use tonic::{Request, Status};
@@ -35,6 +35,41 @@ pub fn status_of(error: RegistryError) -> Status {
             tracing::error!(%error, "internal error");
             Status::internal("the coordinator failed to complete the call; see its log")
         }
+    }
+}
+
+/// Sends each assignment to its node's open streams (an offline node gets its desired
+/// state when it reconnects).
+pub fn deliver(
+    artifacts: &crate::artifacts::ArtifactStore,
+    sessions: &crate::sessions::SessionHub,
+    assignments: Vec<crate::rollouts::Assignment>,
+) {
+    for assignment in assignments {
+        match assignment_command(artifacts, &assignment.desired) {
+            Ok(command) => {
+                sessions.send(&assignment.node_id, command);
+            }
+            Err(error) => {
+                tracing::error!(%error, node = %assignment.node_id, "cannot build an assignment")
+            }
+        }
+    }
+}
+
+/// Maps a rollout error to the status an operator sees.
+pub fn status_of_rollout(error: crate::rollouts::RolloutError) -> Status {
+    use crate::rollouts::RolloutError as E;
+    match error {
+        E::BadSelector(_) | E::BadWaves(_) | E::BadArtifact(_) => {
+            Status::invalid_argument(error.to_string())
+        }
+        E::NoNodes => Status::failed_precondition(error.to_string()),
+        E::NotFound(_) => Status::not_found(error.to_string()),
+        E::WrongState { .. } => Status::failed_precondition(error.to_string()),
+        E::Artifact(e) => status_of_artifact(&e),
+        E::Registry(e) => status_of(e),
+        E::Store(e) => status_of(e.into()),
     }
 }
 

@@ -4,19 +4,23 @@ use std::sync::Arc;
 
 use nanofleet_proto::v1::{
     operator_service_server::OperatorService, publish_artifact_request::Part, Artifact,
-    CreateTokenRequest, CreateTokenResponse, GetArtifactRequest, GetNodeRequest,
-    ListArtifactsRequest, ListArtifactsResponse, ListEventsRequest, ListEventsResponse,
-    ListNodesRequest, ListNodesResponse, Node, PublishArtifactRequest, RevokeNodeRequest,
+    CreateRolloutRequest, CreateTokenRequest, CreateTokenResponse, GetArtifactRequest,
+    GetNodeRequest, ListArtifactsRequest, ListArtifactsResponse, ListEventsRequest,
+    ListEventsResponse, ListNodesRequest, ListNodesResponse, ListRolloutsRequest,
+    ListRolloutsResponse, Node, PublishArtifactRequest, RevokeNodeRequest, Rollout, RolloutRef,
 };
 use tonic::{Request, Response, Status, Streaming};
 
+use super::convert::rollout_to_proto;
 use super::convert::{artifact_to_proto, event_to_proto, node_to_proto};
 use super::{authorized_operator, status_of, status_of_artifact};
+use super::{deliver, status_of_rollout};
 use crate::artifacts::{ArtifactError, ArtifactRecord, ArtifactStore};
 use crate::events::EventLog;
 use crate::now_unix_ms;
 use crate::pki::Pki;
 use crate::registry::Registry;
+use crate::rollouts::{Control, Gate, Rollouts};
 use crate::sessions::SessionHub;
 
 pub struct OperatorApi {
@@ -25,6 +29,7 @@ pub struct OperatorApi {
     pub sessions: Arc<SessionHub>,
     pub artifacts: ArtifactStore,
     pub events: EventLog,
+    pub rollouts: Rollouts,
     pub heartbeat_interval_secs: u32,
     pub max_token_ttl_secs: u64,
 }
@@ -62,6 +67,25 @@ impl OperatorApi {
             }
         }
         tokio::task::block_in_place(|| self.artifacts.finish(upload))
+    }
+
+    fn rollout_message(&self, rollout: &crate::rollouts::Rollout) -> Result<Rollout, Status> {
+        rollout_to_proto(rollout, &self.rollouts).map_err(status_of_rollout)
+    }
+
+    async fn control(
+        &self,
+        request: Request<RolloutRef>,
+        action: Control,
+    ) -> Result<Response<Rollout>, Status> {
+        let operator = authorized_operator(&request)?;
+        let id = request.into_inner().id;
+        let rollouts = self.rollouts.clone();
+        let (rollout, assignments) =
+            tokio::task::block_in_place(|| rollouts.control(&id, action, &operator))
+                .map_err(status_of_rollout)?;
+        deliver(&self.artifacts, &self.sessions, assignments);
+        Ok(Response::new(self.rollout_message(&rollout)?))
     }
 
     fn node_message(&self, node: &crate::registry::NodeRecord) -> Node {
@@ -202,5 +226,77 @@ impl OperatorService for OperatorApi {
         Ok(Response::new(ListEventsResponse {
             events: events.iter().map(event_to_proto).collect(),
         }))
+    }
+
+    async fn create_rollout(
+        &self,
+        request: Request<CreateRolloutRequest>,
+    ) -> Result<Response<Rollout>, Status> {
+        let operator = authorized_operator(&request)?;
+        let request = request.into_inner();
+        let gate = request.gate.unwrap_or_default();
+        let gate = Gate {
+            require_smoke: gate.require_smoke,
+            max_error_rate: gate.max_error_rate,
+            max_p95_latency_ms: gate.max_p95_latency_ms,
+            wave_timeout_secs: gate.wave_timeout_secs,
+        };
+        let (rollout, assignments) = tokio::task::block_in_place(|| {
+            self.rollouts.create(
+                &request.artifact,
+                &request.selector,
+                &request.waves,
+                gate,
+                &operator,
+            )
+        })
+        .map_err(status_of_rollout)?;
+        tracing::info!(%operator, rollout = %rollout.id, artifact = %rollout.artifact(), "rollout created");
+        deliver(&self.artifacts, &self.sessions, assignments);
+        Ok(Response::new(self.rollout_message(&rollout)?))
+    }
+
+    async fn get_rollout(&self, request: Request<RolloutRef>) -> Result<Response<Rollout>, Status> {
+        authorized_operator(&request)?;
+        let rollout = self
+            .rollouts
+            .get(&request.into_inner().id)
+            .map_err(status_of_rollout)?;
+        Ok(Response::new(self.rollout_message(&rollout)?))
+    }
+
+    async fn list_rollouts(
+        &self,
+        request: Request<ListRolloutsRequest>,
+    ) -> Result<Response<ListRolloutsResponse>, Status> {
+        authorized_operator(&request)?;
+        let rollouts = self.rollouts.list().map_err(status_of_rollout)?;
+        Ok(Response::new(ListRolloutsResponse {
+            rollouts: rollouts
+                .iter()
+                .map(|r| self.rollout_message(r))
+                .collect::<Result<_, _>>()?,
+        }))
+    }
+
+    async fn pause_rollout(
+        &self,
+        request: Request<RolloutRef>,
+    ) -> Result<Response<Rollout>, Status> {
+        self.control(request, Control::Pause).await
+    }
+
+    async fn resume_rollout(
+        &self,
+        request: Request<RolloutRef>,
+    ) -> Result<Response<Rollout>, Status> {
+        self.control(request, Control::Resume).await
+    }
+
+    async fn abort_rollout(
+        &self,
+        request: Request<RolloutRef>,
+    ) -> Result<Response<Rollout>, Status> {
+        self.control(request, Control::Abort).await
     }
 }

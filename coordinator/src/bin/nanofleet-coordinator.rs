@@ -46,6 +46,9 @@ struct Flags {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_message_bytes: Option<usize>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    download_bytes_per_sec: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -162,8 +165,10 @@ fn trust(config: &CoordinatorConfig, command: TrustCommand) -> anyhow::Result<()
         }
     }
     let policy = TrustPolicy::new(keys)?;
+    std::fs::create_dir_all(&config.data_dir)?;
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, policy.to_json_pretty())?;
+    std::fs::write(&tmp, policy.to_json_pretty())
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path)?;
     Ok(())
 }

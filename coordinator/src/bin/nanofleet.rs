@@ -72,6 +72,11 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// Roll an artifact out to the nodes a selector picks, in health-gated waves.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
     /// Recorded facts (publishes, refusals), oldest first.
     Events {
         /// Only actions starting with this, e.g. `artifact.refused`.
@@ -141,6 +146,145 @@ enum ModelCommand {
     Show {
         reference: String,
     },
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    Create {
+        /// A published artifact, NAME@VERSION.
+        #[arg(long)]
+        artifact: String,
+        /// key=value terms that must all hold: labels, arch=, id= (repeatable). Empty: all nodes.
+        #[arg(long, default_value = "")]
+        selector: String,
+        /// Cumulative wave sizes, e.g. 5%,50%,100%.
+        #[arg(long, default_value = "100%")]
+        waves: String,
+        /// Each node of a wave must answer a smoke prompt.
+        #[arg(long)]
+        require_smoke: bool,
+        /// Highest error rate (0..1) a node may report.
+        #[arg(long, default_value_t = 0.0)]
+        max_error_rate: f32,
+        /// Highest p95 latency a node may report, milliseconds.
+        #[arg(long, default_value_t = 0.0)]
+        max_p95_latency_ms: f32,
+        /// How long a wave may take to become healthy, e.g. 10m (default: the coordinator's).
+        #[arg(long)]
+        wave_timeout: Option<humantime::Duration>,
+    },
+    Status {
+        id: String,
+    },
+    List,
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+    /// Stop, and roll every node the rollout moved back to its previous version.
+    Abort {
+        id: String,
+    },
+}
+
+fn parse_waves(text: &str) -> anyhow::Result<Vec<u32>> {
+    text.split(',')
+        .map(|w| {
+            let w = w.trim().trim_end_matches('%');
+            w.parse::<u32>()
+                .with_context(|| format!("wave {w:?} is not a percentage"))
+        })
+        .collect()
+}
+
+fn print_rollout(rollout: &pb::Rollout, json_output: bool) -> anyhow::Result<()> {
+    if json_output {
+        let waves: Vec<_> = rollout
+            .waves
+            .iter()
+            .map(|w| {
+                json!({"percent": w.percent, "state": w.state, "nodes": w.nodes.iter().map(|n| json!({"node_id": n.node_id, "state": n.state, "reason": n.reason, "bytes_fetched": n.bytes_fetched})).collect::<Vec<_>>()})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "id": rollout.id, "artifact": rollout.artifact, "selector": rollout.selector,
+                "state": rollout.state, "reason": rollout.reason, "current_wave": rollout.current_wave,
+                "created_at": time_text(rollout.created_at_unix_ms), "created_by": rollout.created_by,
+                "waves": waves,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "rollout {}  {}  {}",
+        rollout.id, rollout.artifact, rollout.state
+    );
+    if !rollout.reason.is_empty() {
+        println!("  reason: {}", rollout.reason);
+    }
+    for (i, wave) in rollout.waves.iter().enumerate() {
+        println!("  wave {} ({}%): {}", i + 1, wave.percent, wave.state);
+        for node in &wave.nodes {
+            let reason = if node.reason.is_empty() {
+                String::new()
+            } else {
+                format!("  ({})", node.reason)
+            };
+            println!("    {}  {}{}", node.node_id, node.state, reason);
+        }
+    }
+    Ok(())
+}
+
+async fn rollout(cli: &Cli, command: &RolloutCommand) -> anyhow::Result<()> {
+    let mut client = client(cli).await?;
+    let by_id = |id: &String| pb::RolloutRef { id: id.clone() };
+    let rollout = match command {
+        RolloutCommand::Create {
+            artifact,
+            selector,
+            waves,
+            require_smoke,
+            max_error_rate,
+            max_p95_latency_ms,
+            wave_timeout,
+        } => {
+            client
+                .create_rollout(pb::CreateRolloutRequest {
+                    artifact: artifact.clone(),
+                    selector: selector.clone(),
+                    waves: parse_waves(waves)?,
+                    gate: Some(pb::Gate {
+                        require_smoke: *require_smoke,
+                        max_error_rate: *max_error_rate,
+                        max_p95_latency_ms: *max_p95_latency_ms,
+                        wave_timeout_secs: wave_timeout.map(|d| d.as_secs() as u32).unwrap_or(0),
+                    }),
+                })
+                .await
+        }
+        RolloutCommand::Status { id } => client.get_rollout(by_id(id)).await,
+        RolloutCommand::Pause { id } => client.pause_rollout(by_id(id)).await,
+        RolloutCommand::Resume { id } => client.resume_rollout(by_id(id)).await,
+        RolloutCommand::Abort { id } => client.abort_rollout(by_id(id)).await,
+        RolloutCommand::List => {
+            let rollouts = client
+                .list_rollouts(pb::ListRolloutsRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .rollouts;
+            for rollout in &rollouts {
+                print_rollout(rollout, cli.json)?;
+            }
+            return Ok(());
+        }
+    };
+    print_rollout(&rollout.map_err(status_error)?.into_inner(), cli.json)
 }
 
 #[derive(Subcommand)]
@@ -303,6 +447,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Nodes { command } => nodes(&cli, command).await?,
         Command::Token { command } => token(&cli, command).await?,
         Command::Events { action } => events(&cli, action).await?,
+        Command::Rollout { command } => rollout(&cli, command).await?,
     }
     Ok(())
 }

@@ -19,6 +19,12 @@ pub enum Keyspace {
     Artifacts,
     /// Big-endian sequence number → event.
     Events,
+    /// Rollout id → rollout record.
+    Rollouts,
+    /// `<node id>/<artifact name>` → the version the node should run.
+    Desired,
+    /// `<node id>/<artifact name>` → the node's last report about it.
+    NodeArtifacts,
 }
 
 impl Keyspace {
@@ -28,6 +34,9 @@ impl Keyspace {
             Keyspace::Tokens => "tokens",
             Keyspace::Artifacts => "artifacts",
             Keyspace::Events => "events",
+            Keyspace::Rollouts => "rollouts",
+            Keyspace::Desired => "desired",
+            Keyspace::NodeArtifacts => "node_artifacts",
         }
     }
 }

@@ -6,9 +6,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use std::sync::Arc;
+
+use nanofleet_agent::artifacts::ArtifactManager;
 use nanofleet_agent::config::AgentConfig;
 use nanofleet_agent::identity::Identity;
 use nanofleet_agent::session::{self, SessionOptions};
+use nanofleet_artifact::trust::TrustPolicy;
 use serde::Serialize;
 
 #[derive(Parser)]
@@ -45,6 +49,12 @@ struct Flags {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     reconnect_max_ms: Option<u64>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trust_policy: Option<PathBuf>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    download_limit_bytes_per_sec: Option<u64>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -104,11 +114,31 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
         identity.coordinator = coordinator.clone();
     }
     tracing::info!(node = %identity.node_id, coordinator = %identity.coordinator, "agent starting");
+    let trust = match &config.trust_policy {
+        Some(path) => Some(
+            TrustPolicy::from_json(
+                &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            )
+            .with_context(|| format!("{} is not a trust policy", path.display()))?,
+        ),
+        None => {
+            tracing::warn!(
+                "no trust_policy configured: artifacts assigned to this device will be refused"
+            );
+            None
+        }
+    };
+    let artifacts = Arc::new(ArtifactManager::new(
+        &config.data_dir,
+        trust,
+        config.download_limit_bytes_per_sec,
+    ));
     let session = session::run(
         identity,
         SessionOptions {
             labels: config.labels.clone(),
             reconnect_max: Duration::from_millis(config.reconnect_max_ms),
+            artifacts,
         },
     );
     tokio::select! {

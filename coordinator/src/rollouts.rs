@@ -1,0 +1,791 @@
+//! Rollouts as desired state: which artifact version each node should run, and the
+//! engine that moves a rollout wave by wave, gating each wave on the health its nodes
+//! report and rolling the wave back when the gate fails.
+//!
+//! State lives in the store: rollout records, each node's desired artifacts, and each
+//! node's last report per artifact name. The engine is a loop over that state, so a
+//! restarted coordinator carries on where it stopped, and a node that was offline
+//! receives its desired state when it reconnects.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::artifacts::{ArtifactError, ArtifactStore};
+use crate::events::EventLog;
+use crate::now_unix_ms;
+use crate::registry::{NodeRecord, NodeStatus, Registry, RegistryError};
+use crate::store::{Keyspace, KvStore, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error("selector term {0:?} is not key=value")]
+    BadSelector(String),
+    #[error("waves must be increasing percentages ending at 100, e.g. 5,50,100; got {0:?}")]
+    BadWaves(Vec<u32>),
+    #[error("artifact must be written name@version, got {0:?}")]
+    BadArtifact(String),
+    #[error("the selector matches no enrolled, active node")]
+    NoNodes,
+    #[error("no rollout {0}")]
+    NotFound(String),
+    #[error("rollout {id} is {state}; it cannot be {action}")]
+    WrongState {
+        id: String,
+        state: String,
+        action: &'static str,
+    },
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Which nodes a rollout targets: every term must hold.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Selector {
+    pub labels: BTreeMap<String, String>,
+    pub arch: Option<String>,
+    pub node_ids: Vec<String>,
+}
+
+impl Selector {
+    pub fn parse(text: &str) -> Result<Self, RolloutError> {
+        let mut selector = Selector::default();
+        for term in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let (key, value) = term
+                .split_once('=')
+                .ok_or_else(|| RolloutError::BadSelector(term.to_owned()))?;
+            let (key, value) = (key.trim().to_owned(), value.trim().to_owned());
+            match key.as_str() {
+                "arch" => selector.arch = Some(value),
+                "id" => selector.node_ids.push(value),
+                _ => {
+                    selector.labels.insert(key, value);
+                }
+            }
+        }
+        Ok(selector)
+    }
+
+    pub fn matches(&self, node: &NodeRecord) -> bool {
+        let labels = node.labels();
+        self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+            && self.arch.as_ref().is_none_or(|a| &node.facts.arch == a)
+            && (self.node_ids.is_empty() || self.node_ids.contains(&node.id))
+    }
+}
+
+/// Health requirements a wave's nodes must meet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Gate {
+    pub require_smoke: bool,
+    pub max_error_rate: f32,
+    pub max_p95_latency_ms: f32,
+    pub wave_timeout_secs: u32,
+}
+
+/// Cumulative node counts that end each wave: `percents` of `nodes`, at least one node
+/// in the first wave, never shrinking.
+pub fn wave_ends(nodes: usize, percents: &[u32]) -> Result<Vec<usize>, RolloutError> {
+    let increasing = percents.windows(2).all(|w| w[0] < w[1]);
+    if percents.is_empty() || !increasing || percents.last() != Some(&100) || percents[0] == 0 {
+        return Err(RolloutError::BadWaves(percents.to_vec()));
+    }
+    let mut ends = Vec::with_capacity(percents.len());
+    let mut previous = 0;
+    for &percent in percents {
+        let end = (nodes * percent as usize)
+            .div_ceil(100)
+            .max(previous)
+            .max(1);
+        ends.push(end.min(nodes));
+        previous = end;
+    }
+    Ok(ends)
+}
+
+/// What a node told the coordinator about one artifact name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ArtifactReport {
+    pub rollout_id: String,
+    pub version: String,
+    /// "downloading", "active" or "failed".
+    pub state: String,
+    pub reason: String,
+    pub loaded: bool,
+    pub smoke_ok: bool,
+    pub error_rate: f32,
+    pub p95_latency_ms: f32,
+    pub bytes_fetched: u64,
+    pub previous_version: String,
+    pub at_ms: i64,
+}
+
+/// A node's desired version of one artifact name; `version` empty = none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Desired {
+    pub name: String,
+    pub version: String,
+    pub rollout_id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    Running,
+    Paused,
+    Halted,
+    Completed,
+    Aborted,
+}
+
+impl RolloutState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Running => "running",
+            RolloutState::Paused => "paused",
+            RolloutState::Halted => "halted",
+            RolloutState::Completed => "completed",
+            RolloutState::Aborted => "aborted",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    pub selector_text: String,
+    pub selector: Selector,
+    pub percents: Vec<u32>,
+    pub gate: Gate,
+    /// Targeted node ids, in wave order.
+    pub targets: Vec<String>,
+    /// Cumulative counts: wave `i` is `targets[ends[i-1]..ends[i]]`.
+    pub ends: Vec<usize>,
+    pub current_wave: usize,
+    pub wave_started_ms: i64,
+    pub state: RolloutState,
+    pub reason: String,
+    /// The version each node had before this rollout touched it ("" = none).
+    pub previous: BTreeMap<String, String>,
+    /// Nodes this rollout moved back to their previous version.
+    pub rolled_back: Vec<String>,
+    pub created_at_ms: i64,
+    pub created_by: String,
+}
+
+impl Rollout {
+    pub fn artifact(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+
+    pub fn wave_nodes(&self, wave: usize) -> &[String] {
+        let start = if wave == 0 { 0 } else { self.ends[wave - 1] };
+        &self.targets[start..self.ends[wave]]
+    }
+
+    /// Nodes that have been assigned so far (waves up to the current one).
+    fn assigned(&self) -> &[String] {
+        let wave = self.current_wave.min(self.ends.len() - 1);
+        &self.targets[..self.ends[wave]]
+    }
+}
+
+/// How one node of a wave stands against the gate.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeVerdict {
+    Pending(&'static str),
+    Healthy,
+    Failed(String),
+}
+
+/// Judges a node's report for `version` against `gate`.
+pub fn judge(report: Option<&ArtifactReport>, version: &str, gate: &Gate) -> NodeVerdict {
+    let Some(report) = report.filter(|r| r.version == version) else {
+        return NodeVerdict::Pending("pending");
+    };
+    match report.state.as_str() {
+        "failed" => NodeVerdict::Failed(report.reason.clone()),
+        "active" => {
+            if !report.loaded {
+                NodeVerdict::Failed("the model does not load".to_owned())
+            } else if gate.require_smoke && !report.smoke_ok {
+                NodeVerdict::Failed(format!("the smoke prompt failed: {}", report.reason))
+            } else if gate.max_error_rate > 0.0 && report.error_rate > gate.max_error_rate {
+                NodeVerdict::Failed(format!(
+                    "error rate {:.3} above {:.3}",
+                    report.error_rate, gate.max_error_rate
+                ))
+            } else if gate.max_p95_latency_ms > 0.0
+                && report.p95_latency_ms > gate.max_p95_latency_ms
+            {
+                NodeVerdict::Failed(format!(
+                    "p95 latency {:.0} ms above {:.0} ms",
+                    report.p95_latency_ms, gate.max_p95_latency_ms
+                ))
+            } else {
+                NodeVerdict::Healthy
+            }
+        }
+        _ => NodeVerdict::Pending("downloading"),
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    space: Keyspace,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        space: space.name(),
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records serialize")
+}
+
+/// A change to a node's desired state that must reach the node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub node_id: String,
+    pub desired: Desired,
+}
+
+/// Desired state and reports per node; cheap to clone.
+#[derive(Clone)]
+pub struct Deployments {
+    store: Arc<dyn KvStore>,
+}
+
+fn node_key(node_id: &str, name: &str) -> Vec<u8> {
+    format!("{node_id}/{name}").into_bytes()
+}
+
+impl Deployments {
+    pub fn new(store: Arc<dyn KvStore>) -> Self {
+        Self { store }
+    }
+
+    pub fn set_desired(&self, node_id: &str, desired: &Desired) -> Result<(), StoreError> {
+        self.store.put(
+            Keyspace::Desired,
+            &node_key(node_id, &desired.name),
+            &encode(desired),
+        )
+    }
+
+    /// Every desired artifact of a node.
+    pub fn desired_of(&self, node_id: &str) -> Result<Vec<Desired>, StoreError> {
+        let prefix = format!("{node_id}/");
+        self.store
+            .scan(Keyspace::Desired)?
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(prefix.as_bytes()))
+            .map(|(k, v)| decode(Keyspace::Desired, &k, &v))
+            .collect()
+    }
+
+    pub fn desired(&self, node_id: &str, name: &str) -> Result<Option<Desired>, StoreError> {
+        let key = node_key(node_id, name);
+        self.store
+            .get(Keyspace::Desired, &key)?
+            .map(|v| decode(Keyspace::Desired, &key, &v))
+            .transpose()
+    }
+
+    pub fn record_report(
+        &self,
+        node_id: &str,
+        name: &str,
+        report: &ArtifactReport,
+    ) -> Result<(), StoreError> {
+        self.store.put(
+            Keyspace::NodeArtifacts,
+            &node_key(node_id, name),
+            &encode(report),
+        )
+    }
+
+    pub fn report(&self, node_id: &str, name: &str) -> Result<Option<ArtifactReport>, StoreError> {
+        let key = node_key(node_id, name);
+        self.store
+            .get(Keyspace::NodeArtifacts, &key)?
+            .map(|v| decode(Keyspace::NodeArtifacts, &key, &v))
+            .transpose()
+    }
+}
+
+/// The rollout engine's state and rules; the caller delivers the assignments it returns.
+#[derive(Clone)]
+pub struct Rollouts {
+    store: Arc<dyn KvStore>,
+    registry: Registry,
+    artifacts: ArtifactStore,
+    deployments: Deployments,
+    events: EventLog,
+    default_wave_timeout: Duration,
+    heartbeat_interval_secs: u32,
+}
+
+impl Rollouts {
+    pub fn new(
+        store: Arc<dyn KvStore>,
+        registry: Registry,
+        artifacts: ArtifactStore,
+        events: EventLog,
+        default_wave_timeout: Duration,
+        heartbeat_interval_secs: u32,
+    ) -> Self {
+        Self {
+            deployments: Deployments::new(store.clone()),
+            store,
+            registry,
+            artifacts,
+            events,
+            default_wave_timeout,
+            heartbeat_interval_secs,
+        }
+    }
+
+    pub fn deployments(&self) -> &Deployments {
+        &self.deployments
+    }
+
+    fn save(&self, rollout: &Rollout) -> Result<(), StoreError> {
+        self.store
+            .put(Keyspace::Rollouts, rollout.id.as_bytes(), &encode(rollout))?;
+        self.store.flush()
+    }
+
+    pub fn get(&self, id: &str) -> Result<Rollout, RolloutError> {
+        let bytes = self
+            .store
+            .get(Keyspace::Rollouts, id.as_bytes())?
+            .ok_or_else(|| RolloutError::NotFound(id.to_owned()))?;
+        Ok(decode(Keyspace::Rollouts, id.as_bytes(), &bytes)?)
+    }
+
+    pub fn list(&self) -> Result<Vec<Rollout>, RolloutError> {
+        let mut rollouts: Vec<Rollout> = self
+            .store
+            .scan(Keyspace::Rollouts)?
+            .into_iter()
+            .map(|(k, v)| decode(Keyspace::Rollouts, &k, &v))
+            .collect::<Result<_, _>>()?;
+        rollouts.sort_by_key(|r| r.created_at_ms);
+        Ok(rollouts)
+    }
+
+    /// Creates a rollout and assigns its first wave.
+    pub fn create(
+        &self,
+        artifact: &str,
+        selector_text: &str,
+        percents: &[u32],
+        mut gate: Gate,
+        operator: &str,
+    ) -> Result<(Rollout, Vec<Assignment>), RolloutError> {
+        let (name, version) = artifact
+            .split_once('@')
+            .ok_or_else(|| RolloutError::BadArtifact(artifact.to_owned()))?;
+        self.artifacts.get(name, version)?;
+        let selector = Selector::parse(selector_text)?;
+        let mut targets: Vec<String> = self
+            .registry
+            .nodes()?
+            .into_iter()
+            .filter(|n| n.status == NodeStatus::Active && selector.matches(n))
+            .map(|n| n.id)
+            .collect();
+        if targets.is_empty() {
+            return Err(RolloutError::NoNodes);
+        }
+        targets.sort();
+        let ends = wave_ends(targets.len(), percents)?;
+        if gate.wave_timeout_secs == 0 {
+            gate.wave_timeout_secs = self.default_wave_timeout.as_secs() as u32;
+        }
+        let mut rollout = Rollout {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: name.to_owned(),
+            version: version.to_owned(),
+            selector_text: selector_text.to_owned(),
+            selector,
+            percents: percents.to_vec(),
+            gate,
+            targets,
+            ends,
+            current_wave: 0,
+            wave_started_ms: now_unix_ms(),
+            state: RolloutState::Running,
+            reason: String::new(),
+            previous: BTreeMap::new(),
+            rolled_back: Vec::new(),
+            created_at_ms: now_unix_ms(),
+            created_by: operator.to_owned(),
+        };
+        let assignments = self.assign_wave(&mut rollout, 0)?;
+        self.save(&rollout)?;
+        self.events.append(
+            &format!("operator:{operator}"),
+            "rollout.create",
+            &rollout.artifact(),
+            &format!(
+                "rollout {} to {} nodes in waves {:?}",
+                rollout.id,
+                rollout.targets.len(),
+                rollout.percents
+            ),
+        )?;
+        Ok((rollout, assignments))
+    }
+
+    /// Points the nodes of `wave` at the rollout's version, remembering what they had.
+    fn assign_wave(
+        &self,
+        rollout: &mut Rollout,
+        wave: usize,
+    ) -> Result<Vec<Assignment>, RolloutError> {
+        let mut assignments = Vec::new();
+        for node_id in rollout.wave_nodes(wave).to_vec() {
+            let previous = self
+                .deployments
+                .desired(&node_id, &rollout.name)?
+                .map(|d| d.version)
+                .unwrap_or_default();
+            rollout.previous.insert(node_id.clone(), previous);
+            let desired = Desired {
+                name: rollout.name.clone(),
+                version: rollout.version.clone(),
+                rollout_id: rollout.id.clone(),
+            };
+            self.deployments.set_desired(&node_id, &desired)?;
+            assignments.push(Assignment { node_id, desired });
+        }
+        self.events.append(
+            "coordinator",
+            "rollout.wave_start",
+            &rollout.artifact(),
+            &format!(
+                "rollout {} wave {} ({}%)",
+                rollout.id,
+                wave + 1,
+                rollout.percents[wave]
+            ),
+        )?;
+        Ok(assignments)
+    }
+
+    /// Moves `nodes` back to the versions they had before the rollout.
+    fn roll_back(
+        &self,
+        rollout: &mut Rollout,
+        nodes: &[String],
+    ) -> Result<Vec<Assignment>, RolloutError> {
+        let mut assignments = Vec::new();
+        for node_id in nodes {
+            let Some(previous) = rollout.previous.get(node_id).cloned() else {
+                continue;
+            };
+            let desired = Desired {
+                name: rollout.name.clone(),
+                version: previous.clone(),
+                rollout_id: rollout.id.clone(),
+            };
+            self.deployments.set_desired(node_id, &desired)?;
+            rollout.rolled_back.push(node_id.clone());
+            let to = if previous.is_empty() {
+                "no version".to_owned()
+            } else {
+                previous
+            };
+            self.events.append(
+                "coordinator",
+                "rollout.rollback",
+                &rollout.artifact(),
+                &format!("node {node_id} back to {to} (rollout {})", rollout.id),
+            )?;
+            assignments.push(Assignment {
+                node_id: node_id.clone(),
+                desired,
+            });
+        }
+        Ok(assignments)
+    }
+
+    /// How each node of a wave stands, with its last report, for status views.
+    pub fn wave_status(
+        &self,
+        rollout: &Rollout,
+        wave: usize,
+    ) -> Result<Vec<(String, NodeVerdict, Option<ArtifactReport>)>, RolloutError> {
+        rollout
+            .wave_nodes(wave)
+            .iter()
+            .map(|node_id| {
+                let report = self.deployments.report(node_id, &rollout.name)?;
+                let verdict = judge(report.as_ref(), &rollout.version, &rollout.gate);
+                Ok((node_id.clone(), verdict, report))
+            })
+            .collect()
+    }
+
+    /// One step of the engine for every running rollout; returns what must be sent.
+    pub fn tick(&self) -> Result<Vec<Assignment>, RolloutError> {
+        let mut assignments = Vec::new();
+        for mut rollout in self.list()? {
+            if rollout.state == RolloutState::Running {
+                assignments.extend(self.advance(&mut rollout)?);
+            }
+        }
+        Ok(assignments)
+    }
+
+    fn advance(&self, rollout: &mut Rollout) -> Result<Vec<Assignment>, RolloutError> {
+        let wave = rollout.current_wave;
+        let verdicts: Vec<(String, NodeVerdict)> = self
+            .wave_status(rollout, wave)?
+            .into_iter()
+            .map(|(node, verdict, _)| (node, verdict))
+            .collect();
+        let failed: Vec<String> = verdicts
+            .iter()
+            .filter_map(|(id, v)| match v {
+                NodeVerdict::Failed(reason) => Some(format!("node {id}: {reason}")),
+                _ => None,
+            })
+            .collect();
+        let now = now_unix_ms();
+        let timed_out =
+            now - rollout.wave_started_ms > i64::from(rollout.gate.wave_timeout_secs) * 1000;
+        let online_pending = verdicts.iter().any(|(id, v)| {
+            matches!(v, NodeVerdict::Pending(_))
+                && self
+                    .registry
+                    .node(id)
+                    .map(|n| n.is_online(now, self.heartbeat_interval_secs))
+                    .unwrap_or(false)
+        });
+        let healthy = verdicts
+            .iter()
+            .filter(|(_, v)| *v == NodeVerdict::Healthy)
+            .count();
+
+        if !failed.is_empty() || (timed_out && healthy == 0) {
+            let reason = if failed.is_empty() {
+                format!(
+                    "wave {} was not healthy within {} s",
+                    wave + 1,
+                    rollout.gate.wave_timeout_secs
+                )
+            } else {
+                format!("wave {} failed its gate: {}", wave + 1, failed.join("; "))
+            };
+            rollout.state = RolloutState::Halted;
+            rollout.reason = reason.clone();
+            let nodes = rollout.wave_nodes(wave).to_vec();
+            let assignments = self.roll_back(rollout, &nodes)?;
+            self.events
+                .append("coordinator", "rollout.halt", &rollout.artifact(), &reason)?;
+            self.save(rollout)?;
+            return Ok(assignments);
+        }
+        // A wave passes when every node that is online is healthy; offline nodes
+        // converge when they return.
+        if healthy > 0 && !online_pending {
+            self.events.append(
+                "coordinator",
+                "rollout.wave_passed",
+                &rollout.artifact(),
+                &format!(
+                    "rollout {} wave {}: {healthy} nodes healthy",
+                    rollout.id,
+                    wave + 1
+                ),
+            )?;
+            if wave + 1 == rollout.ends.len() {
+                rollout.state = RolloutState::Completed;
+                rollout.current_wave = wave + 1;
+                self.events.append(
+                    "coordinator",
+                    "rollout.complete",
+                    &rollout.artifact(),
+                    &format!("rollout {}", rollout.id),
+                )?;
+                self.save(rollout)?;
+                return Ok(Vec::new());
+            }
+            rollout.current_wave = wave + 1;
+            rollout.wave_started_ms = now;
+            let assignments = self.assign_wave(rollout, wave + 1)?;
+            self.save(rollout)?;
+            return Ok(assignments);
+        }
+        Ok(Vec::new())
+    }
+
+    /// Pause, resume or abort at an operator's request.
+    pub fn control(
+        &self,
+        id: &str,
+        action: Control,
+        operator: &str,
+    ) -> Result<(Rollout, Vec<Assignment>), RolloutError> {
+        let mut rollout = self.get(id)?;
+        let allowed = match action {
+            Control::Pause => rollout.state == RolloutState::Running,
+            Control::Resume => rollout.state == RolloutState::Paused,
+            Control::Abort => matches!(
+                rollout.state,
+                RolloutState::Running | RolloutState::Paused | RolloutState::Halted
+            ),
+        };
+        if !allowed {
+            return Err(RolloutError::WrongState {
+                id: id.to_owned(),
+                state: rollout.state.as_str().to_owned(),
+                action: action.past_tense(),
+            });
+        }
+        let mut assignments = Vec::new();
+        match action {
+            Control::Pause => rollout.state = RolloutState::Paused,
+            Control::Resume => {
+                rollout.state = RolloutState::Running;
+                rollout.wave_started_ms = now_unix_ms();
+            }
+            Control::Abort => {
+                let touched: Vec<String> = rollout
+                    .assigned()
+                    .iter()
+                    .filter(|n| !rollout.rolled_back.contains(n))
+                    .cloned()
+                    .collect();
+                assignments = self.roll_back(&mut rollout, &touched)?;
+                rollout.state = RolloutState::Aborted;
+                rollout.reason = format!("aborted by {operator}");
+            }
+        }
+        self.save(&rollout)?;
+        self.events.append(
+            &format!("operator:{operator}"),
+            &format!("rollout.{}", action.past_tense()),
+            &rollout.artifact(),
+            &format!("rollout {}", rollout.id),
+        )?;
+        Ok((rollout, assignments))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Control {
+    Pause,
+    Resume,
+    Abort,
+}
+
+impl Control {
+    fn past_tense(self) -> &'static str {
+        match self {
+            Control::Pause => "paused",
+            Control::Resume => "resumed",
+            Control::Abort => "aborted",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waves_split_cumulatively_with_at_least_one_node_first() {
+        assert_eq!(wave_ends(3, &[50, 100]).unwrap(), vec![2, 3]);
+        assert_eq!(wave_ends(20, &[5, 50, 100]).unwrap(), vec![1, 10, 20]);
+        assert_eq!(wave_ends(3, &[1, 10, 100]).unwrap(), vec![1, 1, 3]);
+        assert_eq!(wave_ends(1000, &[1, 10, 100]).unwrap(), vec![10, 100, 1000]);
+        assert!(wave_ends(3, &[50, 40, 100]).is_err());
+        assert!(wave_ends(3, &[50]).is_err());
+        assert!(wave_ends(3, &[]).is_err());
+    }
+
+    #[test]
+    fn selector_terms_all_hold() {
+        let selector = Selector::parse("site=plant-3, arch=aarch64").unwrap();
+        let mut node = NodeRecord {
+            id: "n1".into(),
+            status: NodeStatus::Active,
+            token_labels: [("site".to_owned(), "plant-3".to_owned())].into(),
+            facts: Default::default(),
+            enrolled_at_ms: 0,
+            last_seen_ms: 0,
+            cert_sha256: String::new(),
+            revoked_at_ms: 0,
+            revoked_reason: String::new(),
+        };
+        assert!(!selector.matches(&node));
+        node.facts.arch = "aarch64".into();
+        assert!(selector.matches(&node));
+        assert!(!Selector::parse("id=n2").unwrap().matches(&node));
+        assert!(Selector::parse("").unwrap().matches(&node));
+        assert!(Selector::parse("oops").is_err());
+    }
+
+    #[test]
+    fn the_gate_judges_reports() {
+        let gate = Gate {
+            require_smoke: true,
+            max_error_rate: 0.1,
+            max_p95_latency_ms: 0.0,
+            wave_timeout_secs: 60,
+        };
+        let healthy = ArtifactReport {
+            version: "2".into(),
+            state: "active".into(),
+            loaded: true,
+            smoke_ok: true,
+            ..Default::default()
+        };
+        assert_eq!(judge(Some(&healthy), "2", &gate), NodeVerdict::Healthy);
+        assert!(matches!(
+            judge(Some(&healthy), "3", &gate),
+            NodeVerdict::Pending(_)
+        ));
+        assert!(matches!(judge(None, "2", &gate), NodeVerdict::Pending(_)));
+        let no_smoke = ArtifactReport {
+            smoke_ok: false,
+            ..healthy.clone()
+        };
+        assert!(matches!(
+            judge(Some(&no_smoke), "2", &gate),
+            NodeVerdict::Failed(_)
+        ));
+        let errors = ArtifactReport {
+            error_rate: 0.5,
+            ..healthy.clone()
+        };
+        assert!(matches!(
+            judge(Some(&errors), "2", &gate),
+            NodeVerdict::Failed(_)
+        ));
+        let failed = ArtifactReport {
+            state: "failed".into(),
+            reason: "bad signature".into(),
+            ..healthy
+        };
+        assert_eq!(
+            judge(Some(&failed), "2", &gate),
+            NodeVerdict::Failed("bad signature".into())
+        );
+    }
+}

@@ -1,0 +1,384 @@
+//! End to end: rolling signed artifacts out to agents in waves. Agents verify the
+//! signature against their own trust policy, every chunk, the whole file and the GGUF
+//! header before activating; a failing wave halts the rollout and rolls its nodes back;
+//! an interrupted download resumes from the last verified chunk.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nanofleet_e2e::{gguf_with_rows, tiny_gguf, wait_until, Agent, Coordinator};
+use serde_json::Value;
+
+fn ok(output: &std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// A publisher key trusted by the coordinator for `pattern`; returns the key's paths.
+fn trusted_key(
+    coordinator: &Coordinator,
+    root: &Path,
+    name: &str,
+    pattern: &str,
+) -> (PathBuf, PathBuf) {
+    let dir = root.join(name);
+    ok(&coordinator.cli(&["model", "keygen", "--out", &path(&dir)]));
+    let public = dir.join("publisher.pub");
+    ok(&coordinator.admin(&[
+        "trust",
+        "add-key",
+        "--key",
+        &path(&public),
+        "--names",
+        pattern,
+    ]));
+    (dir.join("publisher.key"), public)
+}
+
+/// A trust policy file for agents that lists only `public_key`.
+fn agent_trust_policy(root: &Path, public_key: &Path, pattern: &str) -> PathBuf {
+    let dir = root.join("agent-trust");
+    let output = std::process::Command::new(nanofleet_e2e::bin("nanofleet-coordinator"))
+        .args([
+            "--data-dir",
+            &path(&dir),
+            "trust",
+            "add-key",
+            "--key",
+            &path(public_key),
+            "--names",
+            pattern,
+        ])
+        .output()
+        .unwrap();
+    ok(&output);
+    dir.join("trust.json")
+}
+
+fn publish(
+    coordinator: &Coordinator,
+    file: &Path,
+    name: &str,
+    version: &str,
+    key: &Path,
+    chunk_size: &str,
+) {
+    ok(&coordinator.cli(&[
+        "model",
+        "publish",
+        &path(file),
+        "--name",
+        name,
+        "--version",
+        version,
+        "--key",
+        &path(key),
+        "--chunk-size",
+        chunk_size,
+    ]));
+}
+
+fn start_agents(
+    coordinator: &Coordinator,
+    root: &Path,
+    count: usize,
+    extra: &[&str],
+) -> Vec<Agent> {
+    let agents: Vec<Agent> = (0..count)
+        .map(|i| {
+            let token = coordinator.create_token("10m", "site=plant-3");
+            Agent::start_with(root, &format!("agent-{i}"), coordinator, &token, extra)
+        })
+        .collect();
+    for agent in &agents {
+        agent.wait_enrolled();
+    }
+    agents
+}
+
+fn create_rollout(coordinator: &Coordinator, artifact: &str, waves: &str) -> String {
+    let rollout = coordinator.cli_json(&[
+        "rollout",
+        "create",
+        "--artifact",
+        artifact,
+        "--selector",
+        "site=plant-3",
+        "--waves",
+        waves,
+        "--wave-timeout",
+        "60s",
+    ]);
+    rollout["id"].as_str().unwrap().to_owned()
+}
+
+fn status(coordinator: &Coordinator, id: &str) -> Value {
+    coordinator.cli_json(&["rollout", "status", id])
+}
+
+fn wait_state(coordinator: &Coordinator, id: &str, state: &str, timeout: Duration) -> Value {
+    let mut last = Value::Null;
+    let reached = wait_until(timeout, || {
+        last = status(coordinator, id);
+        last["state"] == state
+    });
+    assert!(reached, "rollout never became {state}: {last:#}");
+    last
+}
+
+/// The active version of `name` on an agent, read from its disk.
+fn active(agent: &Agent, name: &str) -> Option<String> {
+    let text =
+        std::fs::read_to_string(agent.dir.join("artifacts").join(name).join("state.json")).ok()?;
+    let state: Value = serde_json::from_str(&text).ok()?;
+    state["active"].as_str().map(str::to_owned)
+}
+
+fn sha256_file(file: &Path) -> String {
+    nanofleet_artifact::ids::Sha256Digest::of(&std::fs::read(file).unwrap()).to_string()
+}
+
+#[test]
+fn the_real_model_rolls_out_to_three_agents_in_two_waves() {
+    let Some(model) = std::env::var_os("NANOFLEET_TEST_GGUF").map(PathBuf::from) else {
+        eprintln!("NANOFLEET_TEST_GGUF is not set (tests/run.sh sets it): skipped");
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(root.path());
+    let (key, public) = trusted_key(&coordinator, root.path(), "publisher", "smollm2-*");
+    let trust = agent_trust_policy(root.path(), &public, "smollm2-*");
+    publish(
+        &coordinator,
+        &model,
+        "smollm2-135m-instruct",
+        "1.0.0",
+        &key,
+        "4194304",
+    );
+    let agents = start_agents(
+        &coordinator,
+        root.path(),
+        3,
+        &["--trust-policy", &path(&trust)],
+    );
+
+    let id = create_rollout(&coordinator, "smollm2-135m-instruct@1.0.0", "50%,100%");
+    let first = status(&coordinator, &id);
+    assert_eq!(first["waves"][0]["nodes"].as_array().unwrap().len(), 2);
+    assert_eq!(first["waves"][1]["nodes"].as_array().unwrap().len(), 1);
+    let done = wait_state(&coordinator, &id, "completed", Duration::from_secs(120));
+    for wave in done["waves"].as_array().unwrap() {
+        assert_eq!(wave["state"], "passed");
+        for node in wave["nodes"].as_array().unwrap() {
+            assert_eq!(node["state"], "healthy", "{done:#}");
+        }
+    }
+    let published = sha256_file(&model);
+    for agent in &agents {
+        assert_eq!(
+            active(agent, "smollm2-135m-instruct").as_deref(),
+            Some("1.0.0")
+        );
+        let file = agent
+            .dir
+            .join("artifacts/smollm2-135m-instruct/1.0.0/model.gguf");
+        assert_eq!(sha256_file(&file), published);
+    }
+    let events = coordinator.cli_json(&["events", "--action", "artifact.activated"]);
+    assert_eq!(events.as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn a_failing_wave_halts_the_rollout_and_rolls_its_nodes_back() {
+    let root = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(root.path());
+    let (key, public) = trusted_key(&coordinator, root.path(), "publisher", "tiny");
+    // A second key the coordinator accepts but the agents do not: its artifacts fail
+    // on every node that receives them.
+    let (rogue_key, _) = trusted_key(&coordinator, root.path(), "rogue", "tiny");
+    let trust = agent_trust_policy(root.path(), &public, "tiny");
+    let file_v1 = root.path().join("v1.gguf");
+    std::fs::write(&file_v1, tiny_gguf("llama", 1)).unwrap();
+    let file_v2 = root.path().join("v2.gguf");
+    std::fs::write(&file_v2, tiny_gguf("llama", 2)).unwrap();
+    publish(&coordinator, &file_v1, "tiny", "1.0.0", &key, "1024");
+    publish(&coordinator, &file_v2, "tiny", "2.0.0", &rogue_key, "1024");
+    let agents = start_agents(
+        &coordinator,
+        root.path(),
+        3,
+        &["--trust-policy", &path(&trust)],
+    );
+
+    let v1 = create_rollout(&coordinator, "tiny@1.0.0", "100%");
+    wait_state(&coordinator, &v1, "completed", Duration::from_secs(30));
+
+    let v2 = create_rollout(&coordinator, "tiny@2.0.0", "33%,100%");
+    let halted = wait_state(&coordinator, &v2, "halted", Duration::from_secs(30));
+    assert!(
+        halted["reason"]
+            .as_str()
+            .unwrap()
+            .contains("wave 1 failed its gate")
+            && halted["reason"]
+                .as_str()
+                .unwrap()
+                .contains("signature refused"),
+        "{halted:#}"
+    );
+    let wave1 = halted["waves"][0]["nodes"].as_array().unwrap();
+    assert_eq!(wave1.len(), 1);
+    assert_eq!(wave1[0]["state"], "rolled_back");
+    assert_eq!(halted["waves"][1]["state"], "waiting");
+
+    // Every node still runs 1.0.0; only the first wave's node ever saw 2.0.0.
+    for agent in &agents {
+        assert_eq!(active(agent, "tiny").as_deref(), Some("1.0.0"));
+        assert!(!agent.dir.join("artifacts/tiny/2.0.0/model.gguf").exists());
+    }
+    let failures = coordinator.cli_json(&["events", "--action", "artifact.failed"]);
+    assert_eq!(failures.as_array().unwrap().len(), 1, "{failures:#}");
+    let rollbacks = coordinator.cli_json(&["events", "--action", "rollout.rollback"]);
+    assert_eq!(rollbacks.as_array().unwrap().len(), 1);
+    // The halted rollout cannot be resumed, only aborted.
+    assert!(!coordinator
+        .cli(&["rollout", "resume", &v2])
+        .status
+        .success());
+}
+
+#[test]
+fn tampered_chunks_are_refused_and_the_previous_version_keeps_serving() {
+    let root = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(root.path());
+    let (key, public) = trusted_key(&coordinator, root.path(), "publisher", "tiny");
+    let trust = agent_trust_policy(root.path(), &public, "tiny");
+    let agents = start_agents(
+        &coordinator,
+        root.path(),
+        1,
+        &["--trust-policy", &path(&trust)],
+    );
+    for (version, seed) in [("1.0.0", 1), ("2.0.0", 2), ("3.0.0", 3)] {
+        let file = root.path().join(format!("{version}.gguf"));
+        std::fs::write(&file, tiny_gguf("llama", seed)).unwrap();
+        publish(&coordinator, &file, "tiny", version, &key, "1024");
+    }
+    let v1 = create_rollout(&coordinator, "tiny@1.0.0", "100%");
+    wait_state(&coordinator, &v1, "completed", Duration::from_secs(30));
+
+    let record =
+        |version: &str| coordinator.cli_json(&["model", "show", &format!("tiny@{version}")]);
+    let chunk_file = |version: &str, index: usize| {
+        let digest = record(version)["manifest"]["chunks"][index]["sha256"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        coordinator.dir.join("artifacts/chunks").join(digest)
+    };
+    // One flipped byte in a chunk stored on the coordinator.
+    let flipped = chunk_file("2.0.0", 3);
+    let mut bytes = std::fs::read(&flipped).unwrap();
+    bytes[100] ^= 0x01;
+    std::fs::write(&flipped, bytes).unwrap();
+    let v2 = create_rollout(&coordinator, "tiny@2.0.0", "100%");
+    let halted = wait_state(&coordinator, &v2, "halted", Duration::from_secs(30));
+    assert!(
+        halted["reason"]
+            .as_str()
+            .unwrap()
+            .contains("chunk 3 does not match the signed manifest"),
+        "{halted:#}"
+    );
+    assert_eq!(active(&agents[0], "tiny").as_deref(), Some("1.0.0"));
+
+    // A chunk cut short on the coordinator.
+    let cut = chunk_file("3.0.0", 2);
+    let bytes = std::fs::read(&cut).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
+    let v3 = create_rollout(&coordinator, "tiny@3.0.0", "100%");
+    let halted = wait_state(&coordinator, &v3, "halted", Duration::from_secs(30));
+    assert!(
+        halted["reason"]
+            .as_str()
+            .unwrap()
+            .contains("chunk 2 ended after 1014"),
+        "{halted:#}"
+    );
+    assert_eq!(active(&agents[0], "tiny").as_deref(), Some("1.0.0"));
+    assert!(!agents[0]
+        .dir
+        .join("artifacts/tiny/3.0.0/model.gguf")
+        .exists());
+
+    let failures = coordinator.cli_json(&["events", "--action", "artifact.failed"]);
+    assert_eq!(failures.as_array().unwrap().len(), 2, "{failures:#}");
+}
+
+#[test]
+fn an_interrupted_download_resumes_from_the_last_verified_chunk() {
+    let root = tempfile::tempdir().unwrap();
+    let mut coordinator = Coordinator::start(root.path());
+    // Slow downloads down so that the agent can be killed in the middle of one.
+    coordinator.kill9();
+    coordinator.serve_flags = vec!["--download-bytes-per-sec".into(), "400000".into()];
+    coordinator.restart();
+    let (key, public) = trusted_key(&coordinator, root.path(), "publisher", "tiny");
+    let trust = agent_trust_policy(root.path(), &public, "tiny");
+    let file = root.path().join("big.gguf");
+    std::fs::write(&file, gguf_with_rows("llama", 7, 30_000)).unwrap(); // about 2 MB
+    let total = std::fs::metadata(&file).unwrap().len();
+    let chunk_size = 131_072u64;
+    publish(
+        &coordinator,
+        &file,
+        "tiny",
+        "1.0.0",
+        &key,
+        &chunk_size.to_string(),
+    );
+    let mut agents = start_agents(
+        &coordinator,
+        root.path(),
+        1,
+        &["--trust-policy", &path(&trust)],
+    );
+    let id = create_rollout(&coordinator, "tiny@1.0.0", "100%");
+
+    let partial = agents[0]
+        .dir
+        .join("artifacts/tiny/1.0.0/model.gguf.partial");
+    let midway = wait_until(Duration::from_secs(30), || {
+        std::fs::metadata(&partial).is_ok_and(|m| m.len() > total / 3)
+    });
+    assert!(midway, "download never got going");
+    agents[0].kill9();
+    let on_disk = std::fs::metadata(&partial).unwrap().len();
+    assert!(on_disk < total, "the download finished before the kill");
+
+    agents[0].restart();
+    let done = wait_state(&coordinator, &id, "completed", Duration::from_secs(60));
+    let fetched_after_restart = done["waves"][0]["nodes"][0]["bytes_fetched"]
+        .as_u64()
+        .unwrap();
+    let verified_before = on_disk / chunk_size * chunk_size;
+    assert_eq!(fetched_after_restart, total - verified_before, "{done:#}");
+    let fetched_twice = on_disk + fetched_after_restart - total;
+    assert!(
+        fetched_twice < chunk_size,
+        "{fetched_twice} bytes fetched twice"
+    );
+    assert_eq!(
+        sha256_file(&agents[0].dir.join("artifacts/tiny/1.0.0/model.gguf")),
+        sha256_file(&file)
+    );
+}

@@ -99,12 +99,6 @@ impl ArtifactManager {
             .unwrap_or_default()
     }
 
-    /// Path of the active model file of `name`, if one is active.
-    pub fn active_model(&self, name: &str) -> Option<PathBuf> {
-        let version = self.state(name).active?;
-        Some(self.slot_dir(name).join(version).join(MODEL_FILE))
-    }
-
     fn write_state(&self, name: &str, state: &SlotState) -> std::io::Result<()> {
         let dir = self.slot_dir(name);
         std::fs::create_dir_all(&dir)?;
@@ -332,4 +326,123 @@ fn check_model(manifest: &Manifest, model: &Path) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nanofleet_artifact::gguf::{GgmlType, GgufWriter, MetadataValue};
+    use nanofleet_artifact::manifest::{ArtifactFormat, ArtifactKind, Chunker, Provenance};
+    use nanofleet_artifact::trust::{NamePattern, TrustedKey};
+
+    fn model_bytes() -> Vec<u8> {
+        GgufWriter::new()
+            .metadata(
+                "general.architecture",
+                MetadataValue::String("llama".into()),
+            )
+            .tensor("w", GgmlType::Q8_0, &[32, 4], vec![0; 4 * 34])
+            .to_bytes()
+            .unwrap()
+    }
+
+    fn manifest_for(bytes: &[u8]) -> Manifest {
+        let content = Chunker::digest_reader(64, bytes).unwrap();
+        Manifest {
+            name: "tiny".into(),
+            version: "1.0.0".into(),
+            kind: ArtifactKind::Model,
+            format: ArtifactFormat::Gguf,
+            architecture: "llama".into(),
+            quantization: "Q8_0".into(),
+            size: content.size,
+            sha256: content.sha256,
+            chunk_size: content.chunk_size,
+            chunks: content.chunks,
+            base_model: None,
+            license: "apache-2.0".into(),
+            provenance: Provenance::default(),
+            created_at_ms: 1,
+        }
+    }
+
+    fn manager(dir: &Path, key: &ed25519_dalek::SigningKey) -> ArtifactManager {
+        let trusted = TrustedKey::new(key.verifying_key(), vec![NamePattern::new("tiny").unwrap()]);
+        ArtifactManager::new(dir, Some(TrustPolicy::new(vec![trusted]).unwrap()), 0)
+    }
+
+    #[test]
+    fn signatures_are_checked_against_the_agents_own_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let other = ed25519_dalek::SigningKey::from_bytes(&[8; 32]);
+        let manifest = manifest_for(&model_bytes());
+        let signed = SignedManifest::sign(manifest.clone(), &key).unwrap();
+        let manager = manager(dir.path(), &key);
+        assert_eq!(
+            manager
+                .verify_signature(signed.to_json_pretty().as_bytes())
+                .unwrap(),
+            manifest
+        );
+
+        let edited = signed.to_json_pretty().replace("apache-2.0", "mit");
+        let err = manager.verify_signature(edited.as_bytes()).unwrap_err();
+        assert!(err.to_string().starts_with("signature refused"), "{err}");
+
+        let untrusted = SignedManifest::sign(manifest.clone(), &other).unwrap();
+        let err = manager
+            .verify_signature(untrusted.to_json_pretty().as_bytes())
+            .unwrap_err();
+        assert!(err.to_string().contains("signature refused"), "{err}");
+
+        let no_policy = ArtifactManager::new(dir.path(), None, 0);
+        let err = no_policy
+            .verify_signature(signed.to_json_pretty().as_bytes())
+            .unwrap_err();
+        assert!(err.to_string().contains("no trust policy"), "{err}");
+    }
+
+    #[test]
+    fn whole_file_checks_catch_size_digest_and_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = model_bytes();
+        let manifest = manifest_for(&bytes);
+        let file = dir.path().join(MODEL_FILE);
+        std::fs::write(&file, &bytes).unwrap();
+        check_model(&manifest, &file).unwrap();
+
+        std::fs::write(&file, &bytes[..bytes.len() - 1]).unwrap();
+        assert!(check_model(&manifest, &file).unwrap_err().contains("bytes"));
+
+        let mut flipped = bytes.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        std::fs::write(&file, &flipped).unwrap();
+        assert!(check_model(&manifest, &file)
+            .unwrap_err()
+            .contains("sha256"));
+
+        std::fs::write(&file, &bytes).unwrap();
+        let lying = Manifest {
+            architecture: "qwen2".into(),
+            ..manifest
+        };
+        assert!(check_model(&lying, &file)
+            .unwrap_err()
+            .contains("architecture"));
+    }
+
+    #[test]
+    fn slot_state_switches_and_keeps_the_previous_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let manager = manager(dir.path(), &key);
+        assert_eq!(manager.state("tiny"), SlotState::default());
+        let state = SlotState {
+            active: Some("2".into()),
+            previous: Some("1".into()),
+        };
+        manager.write_state("tiny", &state).unwrap();
+        assert_eq!(manager.state("tiny"), state);
+    }
 }

@@ -132,6 +132,9 @@ pub struct Desired {
     pub name: String,
     pub version: String,
     pub rollout_id: String,
+    /// Set by an operator's pin: rollouts of this name leave the node alone.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -407,6 +410,17 @@ impl Rollouts {
             .filter(|n| n.status == NodeStatus::Active && selector.matches(n))
             .map(|n| n.id)
             .collect();
+        let mut pinned = Vec::new();
+        for id in &targets {
+            if self
+                .deployments
+                .desired(id, name)?
+                .is_some_and(|d| d.pinned)
+            {
+                pinned.push(id.clone());
+            }
+        }
+        targets.retain(|id| !pinned.contains(id));
         if targets.is_empty() {
             return Err(RolloutError::NoNodes);
         }
@@ -468,6 +482,7 @@ impl Rollouts {
                 name: rollout.name.clone(),
                 version: rollout.version.clone(),
                 rollout_id: rollout.id.clone(),
+                pinned: false,
             };
             self.deployments.set_desired(&node_id, &desired)?;
             assignments.push(Assignment { node_id, desired });
@@ -501,6 +516,7 @@ impl Rollouts {
                 name: rollout.name.clone(),
                 version: previous.clone(),
                 rollout_id: rollout.id.clone(),
+                pinned: false,
             };
             self.deployments.set_desired(node_id, &desired)?;
             rollout.rolled_back.push(node_id.clone());
@@ -684,6 +700,66 @@ impl Rollouts {
             &format!("rollout {}", rollout.id),
         )?;
         Ok((rollout, assignments))
+    }
+}
+
+impl Rollouts {
+    /// Pins (`version` = Some) or unpins the nodes `selector_text` picks; returns them.
+    pub fn pin(
+        &self,
+        selector_text: &str,
+        name: &str,
+        version: Option<&str>,
+        operator: &str,
+    ) -> Result<Vec<Assignment>, RolloutError> {
+        if let Some(version) = version {
+            self.artifacts.get(name, version)?;
+        }
+        let selector = Selector::parse(selector_text)?;
+        let mut assignments = Vec::new();
+        for node in self.registry.nodes()? {
+            if node.status != NodeStatus::Active || !selector.matches(&node) {
+                continue;
+            }
+            let current = self.deployments.desired(&node.id, name)?;
+            let desired = match version {
+                Some(version) => Desired {
+                    name: name.to_owned(),
+                    version: version.to_owned(),
+                    rollout_id: String::new(),
+                    pinned: true,
+                },
+                // Unpinned, the node keeps the version it has until a rollout moves it.
+                None => match current {
+                    Some(current) if current.pinned => Desired {
+                        pinned: false,
+                        ..current
+                    },
+                    _ => continue,
+                },
+            };
+            self.deployments.set_desired(&node.id, &desired)?;
+            assignments.push(Assignment {
+                node_id: node.id,
+                desired,
+            });
+        }
+        if assignments.is_empty() {
+            return Err(RolloutError::NoNodes);
+        }
+        self.store.flush()?;
+        let (action, subject) = match version {
+            Some(version) => ("node.pin", format!("{name}@{version}")),
+            None => ("node.unpin", name.to_owned()),
+        };
+        let nodes: Vec<&str> = assignments.iter().map(|a| a.node_id.as_str()).collect();
+        self.events.append(
+            &format!("operator:{operator}"),
+            action,
+            &subject,
+            &format!("nodes {}", nodes.join(", ")),
+        )?;
+        Ok(assignments)
     }
 }
 

@@ -382,3 +382,95 @@ fn an_interrupted_download_resumes_from_the_last_verified_chunk() {
         sha256_file(&file)
     );
 }
+
+#[test]
+fn pinned_nodes_are_skipped_and_offline_nodes_converge_when_they_return() {
+    let root = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(root.path());
+    let (key, public) = trusted_key(&coordinator, root.path(), "publisher", "tiny");
+    let trust = agent_trust_policy(root.path(), &public, "tiny");
+    for (version, seed) in [("1.0.0", 1), ("2.0.0", 2)] {
+        let file = root.path().join(format!("{version}.gguf"));
+        std::fs::write(&file, tiny_gguf("llama", seed)).unwrap();
+        publish(&coordinator, &file, "tiny", version, &key, "1024");
+    }
+    let mut agents = start_agents(
+        &coordinator,
+        root.path(),
+        3,
+        &["--trust-policy", &path(&trust)],
+    );
+    let ids: Vec<String> = agents.iter().map(|a| a.node_id().unwrap()).collect();
+    let v1 = create_rollout(&coordinator, "tiny@1.0.0", "100%");
+    wait_state(&coordinator, &v1, "completed", Duration::from_secs(30));
+
+    let pinned = coordinator.cli_json(&[
+        "nodes",
+        "pin",
+        "--selector",
+        &format!("id={}", ids[0]),
+        "--artifact",
+        "tiny@1.0.0",
+    ]);
+    assert_eq!(pinned["pinned"], serde_json::json!([ids[0]]));
+
+    // agent-1 goes offline before the next rollout.
+    agents[1].kill9();
+    let offline = wait_until(Duration::from_secs(15), || {
+        coordinator
+            .nodes()
+            .iter()
+            .any(|n| n["id"] == ids[1].as_str() && n["online"] == false)
+    });
+    assert!(offline);
+
+    let v2 = create_rollout(&coordinator, "tiny@2.0.0", "100%");
+    let done = wait_state(&coordinator, &v2, "completed", Duration::from_secs(30));
+    let targeted: Vec<&str> = done["waves"][0]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node_id"].as_str().unwrap())
+        .collect();
+    assert!(
+        !targeted.contains(&ids[0].as_str()),
+        "a pinned node was targeted"
+    );
+    assert_eq!(active(&agents[2], "tiny").as_deref(), Some("2.0.0"));
+    assert_eq!(active(&agents[0], "tiny").as_deref(), Some("1.0.0"));
+    assert_eq!(active(&agents[1], "tiny").as_deref(), Some("1.0.0"));
+
+    // Back online, agent-1 converges to its desired version by itself.
+    agents[1].restart();
+    assert!(wait_until(Duration::from_secs(20), || active(
+        &agents[1], "tiny"
+    )
+    .as_deref()
+        == Some("2.0.0")));
+    // The pinned node stays put; unpinned, it is free for the next rollout.
+    assert_eq!(active(&agents[0], "tiny").as_deref(), Some("1.0.0"));
+    let unpinned = coordinator.cli_json(&[
+        "nodes",
+        "unpin",
+        "--selector",
+        &format!("id={}", ids[0]),
+        "--name",
+        "tiny",
+    ]);
+    assert_eq!(unpinned["unpinned"], serde_json::json!([ids[0]]));
+    let v2_again = coordinator.cli_json(&[
+        "rollout",
+        "create",
+        "--artifact",
+        "tiny@2.0.0",
+        "--selector",
+        &format!("id={}", ids[0]),
+    ]);
+    wait_state(
+        &coordinator,
+        v2_again["id"].as_str().unwrap(),
+        "completed",
+        Duration::from_secs(30),
+    );
+    assert_eq!(active(&agents[0], "tiny").as_deref(), Some("2.0.0"));
+}

@@ -7,7 +7,8 @@ use nanofleet_proto::v1::{
     CreateRolloutRequest, CreateTokenRequest, CreateTokenResponse, GetArtifactRequest,
     GetNodeRequest, ListArtifactsRequest, ListArtifactsResponse, ListEventsRequest,
     ListEventsResponse, ListNodesRequest, ListNodesResponse, ListRolloutsRequest,
-    ListRolloutsResponse, Node, PublishArtifactRequest, RevokeNodeRequest, Rollout, RolloutRef,
+    ListRolloutsResponse, Node, PinArtifactRequest, PinArtifactResponse, PublishArtifactRequest,
+    RevokeNodeRequest, Rollout, RolloutRef, UnpinArtifactRequest,
 };
 use tonic::{Request, Response, Status, Streaming};
 
@@ -86,6 +87,13 @@ impl OperatorApi {
                 .map_err(status_of_rollout)?;
         deliver(&self.artifacts, &self.sessions, assignments);
         Ok(Response::new(self.rollout_message(&rollout)?))
+    }
+
+    /// Sends pin changes to the nodes and names them.
+    fn delivered(&self, assignments: Vec<crate::rollouts::Assignment>) -> PinArtifactResponse {
+        let node_ids = assignments.iter().map(|a| a.node_id.clone()).collect();
+        deliver(&self.artifacts, &self.sessions, assignments);
+        PinArtifactResponse { node_ids }
     }
 
     fn node_message(&self, node: &crate::registry::NodeRecord) -> Node {
@@ -298,5 +306,37 @@ impl OperatorService for OperatorApi {
         request: Request<RolloutRef>,
     ) -> Result<Response<Rollout>, Status> {
         self.control(request, Control::Abort).await
+    }
+
+    async fn pin_artifact(
+        &self,
+        request: Request<PinArtifactRequest>,
+    ) -> Result<Response<PinArtifactResponse>, Status> {
+        let operator = authorized_operator(&request)?;
+        let request = request.into_inner();
+        let (name, version) = request
+            .artifact
+            .split_once('@')
+            .ok_or_else(|| Status::invalid_argument("give the artifact as name@version"))?;
+        let assignments = tokio::task::block_in_place(|| {
+            self.rollouts
+                .pin(&request.selector, name, Some(version), &operator)
+        })
+        .map_err(status_of_rollout)?;
+        Ok(Response::new(self.delivered(assignments)))
+    }
+
+    async fn unpin_artifact(
+        &self,
+        request: Request<UnpinArtifactRequest>,
+    ) -> Result<Response<PinArtifactResponse>, Status> {
+        let operator = authorized_operator(&request)?;
+        let request = request.into_inner();
+        let assignments = tokio::task::block_in_place(|| {
+            self.rollouts
+                .pin(&request.selector, &request.name, None, &operator)
+        })
+        .map_err(status_of_rollout)?;
+        Ok(Response::new(self.delivered(assignments)))
     }
 }

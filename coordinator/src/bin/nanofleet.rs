@@ -293,6 +293,22 @@ enum NodesCommand {
     Show {
         id: String,
     },
+    /// Pin the nodes a selector picks (e.g. id=<node id>, site=plant-3) to one
+    /// artifact version; rollouts of that name skip them.
+    Pin {
+        #[arg(long)]
+        selector: String,
+        /// NAME@VERSION
+        #[arg(long)]
+        artifact: String,
+    },
+    /// Lift the pin of an artifact name from the nodes a selector picks.
+    Unpin {
+        #[arg(long)]
+        selector: String,
+        #[arg(long)]
+        name: String,
+    },
     /// Revoke a node: its next call is refused and its open stream ends.
     Revoke {
         id: String,
@@ -455,6 +471,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn nodes(cli: &Cli, command: &NodesCommand) -> anyhow::Result<()> {
     let mut client = client(cli).await?;
     match command {
+        NodesCommand::Pin { selector, artifact } => {
+            let pinned = client
+                .pin_artifact(pb::PinArtifactRequest {
+                    selector: selector.clone(),
+                    artifact: artifact.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_node_ids(cli, "pinned", &pinned.node_ids)?;
+        }
+        NodesCommand::Unpin { selector, name } => {
+            let unpinned = client
+                .unpin_artifact(pb::UnpinArtifactRequest {
+                    selector: selector.clone(),
+                    name: name.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_node_ids(cli, "unpinned", &unpinned.node_ids)?;
+        }
         NodesCommand::List => {
             let nodes = client
                 .list_nodes(pb::ListNodesRequest {})
@@ -492,6 +530,15 @@ async fn nodes(cli: &Cli, command: &NodesCommand) -> anyhow::Result<()> {
                 println!("revoked node {} ({})", node.id, node.revoked_reason);
             }
         }
+    }
+    Ok(())
+}
+
+fn print_node_ids(cli: &Cli, what: &str, ids: &[String]) -> anyhow::Result<()> {
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&json!({ what: ids }))?);
+    } else {
+        println!("{what} {} nodes: {}", ids.len(), ids.join(", "));
     }
     Ok(())
 }

@@ -306,3 +306,43 @@ fn only_trusted_intact_artifacts_are_published() {
         .count();
     assert_eq!(staging, 0);
 }
+
+#[test]
+fn openssf_model_signing_bundles_are_verified() {
+    let root = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(root.path());
+    let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("../artifact/testdata/openssf");
+    let bundle = path(&testdata.join("weights.bin.sig"));
+    let key = path(&testdata.join("signing_key.pub"));
+    let file = testdata.join("model/weights.bin");
+    let verified = ok(&coordinator.cli(&[
+        "model",
+        "verify-openssf",
+        &path(&file),
+        "--openssf-bundle",
+        &bundle,
+        "--openssf-key",
+        &key,
+    ]));
+    assert!(
+        verified.starts_with("verified: OpenSSF model_signing bundle"),
+        "{verified}"
+    );
+
+    let tampered = root.path().join("weights.bin");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&tampered, bytes).unwrap();
+    refused(
+        &coordinator.cli(&[
+            "model",
+            "verify-openssf",
+            &path(&tampered),
+            "--openssf-bundle",
+            &bundle,
+            "--openssf-key",
+            &key,
+        ]),
+        "does not verify for this file",
+    );
+}

@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use nanofleet_artifact::gguf::{GgufHeader, Limits};
-use nanofleet_artifact::manifest::{ArtifactFormat, ArtifactKind, Chunker, Manifest, Provenance};
+use nanofleet_artifact::ids::Sha256Digest;
+use nanofleet_artifact::manifest::{
+    ArtifactFormat, ArtifactKind, Chunker, Manifest, Provenance, ProvenanceSource,
+};
+use nanofleet_artifact::openssf;
 use nanofleet_artifact::signing::{
     key_id, signing_key_from_pem, signing_key_to_pem, verifying_key_to_pem, SignedManifest,
 };
@@ -100,6 +104,47 @@ struct ManifestFlags {
     /// Chunk size in bytes; downloads resume and verify per chunk.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     chunk_size: u64,
+    #[command(flatten)]
+    openssf: OpenSsfFlags,
+}
+
+/// An OpenSSF model-signing bundle (`model_signing sign key`) for the file: verified
+/// here, then recorded in the manifest's provenance, so the nanofleet signature covers it.
+#[derive(clap::Args, Clone)]
+struct OpenSsfFlags {
+    #[arg(long, requires = "openssf_key")]
+    openssf_bundle: Option<PathBuf>,
+    /// The bundle signer's ECDSA P-256 public key (SPKI PEM).
+    #[arg(long, requires = "openssf_bundle")]
+    openssf_key: Option<PathBuf>,
+}
+
+impl OpenSsfFlags {
+    /// Verifies the bundle against a single file with `sha256`; returns the provenance
+    /// entry that records it, or `None` when no bundle was given.
+    fn verify(&self, sha256: Sha256Digest) -> anyhow::Result<Option<ProvenanceSource>> {
+        let (Some(bundle_path), Some(key_path)) = (&self.openssf_bundle, &self.openssf_key) else {
+            return Ok(None);
+        };
+        let bundle = std::fs::read(bundle_path)
+            .with_context(|| format!("reading {}", bundle_path.display()))?;
+        let key = read_text(key_path)?;
+        // model_signing names a single signed file "." in its statement.
+        openssf::verify_bundle(&bundle, &key, &[(".", sha256)]).with_context(|| {
+            format!(
+                "OpenSSF bundle {} does not verify for this file",
+                bundle_path.display()
+            )
+        })?;
+        Ok(Some(ProvenanceSource {
+            uri: format!("openssf-model-signing:{}", bundle_path.file_name().unwrap_or_default().to_string_lossy()),
+            sha256: Some(Sha256Digest::of(&bundle)),
+            description: format!(
+                "OpenSSF model_signing bundle verified for this file with the ECDSA P-256 key sha256:{}",
+                Sha256Digest::of(key.as_bytes())
+            ),
+        }))
+    }
 }
 
 #[derive(Subcommand)]
@@ -114,6 +159,12 @@ enum ModelCommand {
         file: PathBuf,
         #[command(flatten)]
         manifest: ManifestFlags,
+    },
+    /// Verify an OpenSSF model-signing bundle (`model_signing sign key`) for a file.
+    VerifyOpenssf {
+        file: PathBuf,
+        #[command(flatten)]
+        openssf: OpenSsfFlags,
     },
     /// Sign a manifest offline with a publisher key; prints the signed manifest. A
     /// signed manifest given as input gets one more signature.
@@ -140,6 +191,8 @@ enum ModelCommand {
         provenance: Option<PathBuf>,
         #[arg(long, default_value_t = 4 * 1024 * 1024)]
         chunk_size: u64,
+        #[command(flatten)]
+        openssf: OpenSsfFlags,
     },
     List,
     /// Print an artifact's signed manifest: NAME@VERSION.
@@ -628,11 +681,14 @@ fn build_manifest(file: &std::path::Path, flags: &ManifestFlags) -> anyhow::Resu
                 file.display()
             )
         })?;
-    let provenance = match &flags.provenance {
+    let mut provenance: Provenance = match &flags.provenance {
         Some(path) => serde_json::from_str(&read_text(path)?)
             .with_context(|| format!("{} is not a provenance JSON document", path.display()))?,
         None => Provenance::default(),
     };
+    provenance
+        .sources
+        .extend(flags.openssf.verify(content.sha256)?);
     let manifest = Manifest {
         name: flags.name.clone(),
         version: flags.version.clone(),
@@ -686,6 +742,20 @@ async fn model(cli: &Cli, command: &ModelCommand) -> anyhow::Result<()> {
                 public.display()
             );
         }
+        ModelCommand::VerifyOpenssf { file, openssf } => {
+            let sha256 = Chunker::digest_reader(
+                4 << 20,
+                std::io::BufReader::new(
+                    std::fs::File::open(file)
+                        .with_context(|| format!("opening {}", file.display()))?,
+                ),
+            )?
+            .sha256;
+            let source = openssf
+                .verify(sha256)?
+                .context("give --openssf-bundle and --openssf-key")?;
+            println!("verified: {}", source.description);
+        }
         ModelCommand::Manifest { file, manifest } => {
             println!("{}", build_manifest(file, manifest)?.to_json_pretty());
         }
@@ -703,6 +773,7 @@ async fn model(cli: &Cli, command: &ModelCommand) -> anyhow::Result<()> {
             license,
             provenance,
             chunk_size,
+            openssf,
         } => {
             let signed = match (signed_manifest, key) {
                 (Some(path), _) => {
@@ -715,6 +786,7 @@ async fn model(cli: &Cli, command: &ModelCommand) -> anyhow::Result<()> {
                         license: license.clone(),
                         provenance: provenance.clone(),
                         chunk_size: *chunk_size,
+                        openssf: openssf.clone(),
                     };
                     let manifest = build_manifest(file, &flags)?;
                     sign(manifest.to_json_pretty().as_bytes(), key)?

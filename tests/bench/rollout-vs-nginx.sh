@@ -57,6 +57,7 @@ ln "$model" "$work/www/model.gguf" 2>/dev/null || cp "$model" "$work/www/model.g
 cat >"$work/nginx/nginx.conf" <<CONF
 worker_processes 2;
 daemon off;
+user root;
 error_log $work/nginx/logs/error.log;
 pid $work/nginx/nginx.pid;
 events { worker_connections 1024; }
@@ -81,6 +82,9 @@ for i in $(seq "$agents"); do
 done
 wait "${clients[@]}"
 nginx_secs=$(echo "$(date +%s.%N) - $start" | bc)
+for i in $(seq "$agents"); do
+  [ "$(stat -c %s "$work/curl/$i.gguf")" = "$(stat -c %s "$model")" ] || { echo "curl client $i got a short file"; exit 1; }
+done
 
 size=$(stat -c %s "$model")
 printf '| %s | %s |\n|---|---|\n' "metric" "value"

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::now_unix_ms;
-use crate::store::{Keyspace, KvStore, StoreError};
+use crate::store::{decode, encode, Keyspace, KvStore, StoreError};
 
 /// Name of the trust policy file in the data directory.
 pub const TRUST_POLICY_FILE: &str = "trust.json";
@@ -193,7 +193,7 @@ impl ArtifactStore {
             published_by: upload.publisher.clone(),
         };
         let key = reference(manifest);
-        let value = serde_json::to_vec(&record).expect("records serialize");
+        let value = encode(&record);
         if !self
             .store
             .compare_and_swap(Keyspace::Artifacts, key.as_bytes(), None, Some(&value))?
@@ -210,14 +210,14 @@ impl ArtifactStore {
             .store
             .get(Keyspace::Artifacts, key.as_bytes())?
             .ok_or(ArtifactError::NotFound(key.clone()))?;
-        decode(&key, &bytes)
+        Ok(decode(Keyspace::Artifacts, key.as_bytes(), &bytes)?)
     }
 
     pub fn list(&self) -> Result<Vec<ArtifactRecord>, ArtifactError> {
         self.store
             .scan(Keyspace::Artifacts)?
             .into_iter()
-            .map(|(key, value)| decode(&String::from_utf8_lossy(&key), &value))
+            .map(|(key, value)| Ok(decode(Keyspace::Artifacts, &key, &value)?))
             .collect()
     }
 
@@ -225,16 +225,6 @@ impl ArtifactStore {
     pub fn chunk_path(&self, sha256: &str) -> PathBuf {
         self.dir.join("chunks").join(sha256)
     }
-}
-
-fn decode(key: &str, bytes: &[u8]) -> Result<ArtifactRecord, ArtifactError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        ArtifactError::Store(StoreError::Corrupt {
-            space: Keyspace::Artifacts.name(),
-            key: key.to_owned(),
-            reason: e.to_string(),
-        })
-    })
 }
 
 /// The chunk being received: written to `<staging>/<index>` while hashed.

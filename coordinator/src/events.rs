@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::now_unix_ms;
-use crate::store::{Keyspace, KvStore, StoreError};
+use crate::store::{decode, encode, Keyspace, KvStore, StoreError};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
@@ -57,7 +57,7 @@ impl EventLog {
             reason: reason.to_owned(),
         };
         let mut next = self.next.lock().expect("event lock");
-        let value = serde_json::to_vec(&event).expect("events serialize");
+        let value = encode(&event);
         self.store
             .put(Keyspace::Events, &next.to_be_bytes(), &value)?;
         self.store.flush()?;
@@ -69,11 +69,7 @@ impl EventLog {
     pub fn list(&self, action_prefix: &str) -> Result<Vec<Event>, StoreError> {
         let mut events = Vec::new();
         for (key, value) in self.store.scan(Keyspace::Events)? {
-            let event: Event = serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
-                space: Keyspace::Events.name(),
-                key: hex::encode(key),
-                reason: e.to_string(),
-            })?;
+            let event: Event = decode(Keyspace::Events, &key, &value)?;
             if event.action.starts_with(action_prefix) {
                 events.push(event);
             }

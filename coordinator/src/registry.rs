@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::now_unix_ms;
 use crate::pki::{sha256_hex, Pki, PkiError};
-use crate::store::{Keyspace, KvStore, StoreError};
+use crate::store::{decode, encode, Keyspace, KvStore, StoreError};
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -209,22 +209,6 @@ fn token_key(token: &str) -> Result<Vec<u8>, RegistryError> {
         return Err(RegistryError::UnknownToken);
     }
     Ok(sha256_hex(token.as_bytes()).into_bytes())
-}
-
-fn decode<T: serde::de::DeserializeOwned>(
-    space: Keyspace,
-    key: &[u8],
-    bytes: &[u8],
-) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-        space: space.name(),
-        key: String::from_utf8_lossy(key).into_owned(),
-        reason: e.to_string(),
-    })
-}
-
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).expect("records serialize")
 }
 
 /// The registry over a store; cheap to clone.

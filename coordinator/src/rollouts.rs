@@ -17,7 +17,7 @@ use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::events::EventLog;
 use crate::now_unix_ms;
 use crate::registry::{NodeRecord, NodeStatus, Registry, RegistryError};
-use crate::store::{Keyspace, KvStore, StoreError};
+use crate::store::{decode, encode, Keyspace, KvStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
@@ -239,22 +239,6 @@ pub fn judge(report: Option<&ArtifactReport>, version: &str, gate: &Gate) -> Nod
         }
         _ => NodeVerdict::Pending("downloading"),
     }
-}
-
-fn decode<T: serde::de::DeserializeOwned>(
-    space: Keyspace,
-    key: &[u8],
-    bytes: &[u8],
-) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-        space: space.name(),
-        key: String::from_utf8_lossy(key).into_owned(),
-        reason: e.to_string(),
-    })
-}
-
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).expect("records serialize")
 }
 
 /// A change to a node's desired state that must reach the node.

@@ -498,3 +498,18 @@ pub async fn connect_node_operator_client(
         .expect("connects");
     nanofleet_proto::v1::operator_service_client::OperatorServiceClient::new(channel)
 }
+
+/// The stdout of a command that must succeed; panics with its stderr otherwise.
+pub fn ok(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A path as a command-line argument.
+pub fn path(p: &Path) -> String {
+    p.display().to_string()
+}

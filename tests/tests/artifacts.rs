@@ -4,16 +4,7 @@
 
 use std::path::Path;
 
-use nanofleet_e2e::{connect_node_operator_client, tiny_gguf, Agent, Coordinator};
-
-fn ok(output: &std::process::Output) -> String {
-    assert!(
-        output.status.success(),
-        "command failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
+use nanofleet_e2e::{connect_node_operator_client, ok, path, tiny_gguf, Agent, Coordinator};
 
 fn refused(output: &std::process::Output, expected: &str) {
     assert!(!output.status.success(), "should have been refused");
@@ -22,10 +13,6 @@ fn refused(output: &std::process::Output, expected: &str) {
         stderr.contains(expected),
         "expected {expected:?} in: {stderr}"
     );
-}
-
-fn path(p: &Path) -> String {
-    p.display().to_string()
 }
 
 #[test]

@@ -6,21 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nanofleet_e2e::{gguf_with_rows, tiny_gguf, wait_until, Agent, Coordinator};
+use nanofleet_e2e::{gguf_with_rows, ok, path, tiny_gguf, wait_until, Agent, Coordinator};
 use serde_json::Value;
-
-fn ok(output: &std::process::Output) -> String {
-    assert!(
-        output.status.success(),
-        "command failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn path(p: &Path) -> String {
-    p.display().to_string()
-}
 
 /// A publisher key trusted by the coordinator for `pattern`; returns the key's paths.
 fn trusted_key(

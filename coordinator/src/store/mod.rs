@@ -53,6 +53,25 @@ pub enum StoreError {
     },
 }
 
+/// Decodes a stored record. Records are JSON: readable when debugging a data
+/// directory, and tolerant of fields added later.
+pub fn decode<T: serde::de::DeserializeOwned>(
+    space: Keyspace,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        space: space.name(),
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Encodes a record for storage.
+pub fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records serialize: string keys, no non-finite floats")
+}
+
 /// One stored record: key and value.
 pub type Record = (Vec<u8>, Vec<u8>);
 

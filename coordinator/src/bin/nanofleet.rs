@@ -92,10 +92,12 @@ enum Command {
 /// What goes into a manifest besides the file's own bytes and header.
 #[derive(clap::Args, Clone)]
 struct ManifestFlags {
+    /// Artifact name (needed unless a signed manifest is given).
     #[arg(long)]
-    name: String,
+    name: Option<String>,
+    /// Artifact version (needed unless a signed manifest is given).
     #[arg(long)]
-    version: String,
+    version: Option<String>,
     #[arg(long, default_value = "apache-2.0")]
     license: String,
     /// JSON file with training-data provenance: {"sources": [{"uri", "sha256", "description"}], "federated": null}.
@@ -181,18 +183,8 @@ enum ModelCommand {
         key: Option<PathBuf>,
         #[arg(long)]
         signed_manifest: Option<PathBuf>,
-        #[arg(long, required_unless_present = "signed_manifest")]
-        name: Option<String>,
-        #[arg(long, required_unless_present = "signed_manifest")]
-        version: Option<String>,
-        #[arg(long, default_value = "apache-2.0")]
-        license: String,
-        #[arg(long)]
-        provenance: Option<PathBuf>,
-        #[arg(long, default_value_t = 4 * 1024 * 1024)]
-        chunk_size: u64,
         #[command(flatten)]
-        openssf: OpenSsfFlags,
+        manifest: ManifestFlags,
     },
     List,
     /// Print an artifact's signed manifest: NAME@VERSION.
@@ -668,6 +660,9 @@ fn read_text(path: &std::path::Path) -> anyhow::Result<String> {
 
 /// Builds the manifest of `file`: its chunks and digest, and what its GGUF header says.
 fn build_manifest(file: &std::path::Path, flags: &ManifestFlags) -> anyhow::Result<Manifest> {
+    let (Some(name), Some(version)) = (&flags.name, &flags.version) else {
+        bail!("building a manifest needs --name and --version");
+    };
     let open = || std::fs::File::open(file).with_context(|| format!("opening {}", file.display()));
     let header = GgufHeader::read_from(std::io::BufReader::new(open()?), &Limits::default())
         .with_context(|| format!("{} is not a GGUF model", file.display()))?;
@@ -690,8 +685,8 @@ fn build_manifest(file: &std::path::Path, flags: &ManifestFlags) -> anyhow::Resu
         .sources
         .extend(flags.openssf.verify(content.sha256)?);
     let manifest = Manifest {
-        name: flags.name.clone(),
-        version: flags.version.clone(),
+        name: name.clone(),
+        version: version.clone(),
         kind: ArtifactKind::Model,
         format: ArtifactFormat::Gguf,
         architecture: summary.architecture.unwrap_or_default(),
@@ -768,27 +763,14 @@ async fn model(cli: &Cli, command: &ModelCommand) -> anyhow::Result<()> {
             file,
             key,
             signed_manifest,
-            name,
-            version,
-            license,
-            provenance,
-            chunk_size,
-            openssf,
+            manifest,
         } => {
             let signed = match (signed_manifest, key) {
                 (Some(path), _) => {
                     std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
                 }
                 (None, Some(key)) => {
-                    let flags = ManifestFlags {
-                        name: name.clone().unwrap_or_default(),
-                        version: version.clone().unwrap_or_default(),
-                        license: license.clone(),
-                        provenance: provenance.clone(),
-                        chunk_size: *chunk_size,
-                        openssf: openssf.clone(),
-                    };
-                    let manifest = build_manifest(file, &flags)?;
+                    let manifest = build_manifest(file, manifest)?;
                     sign(manifest.to_json_pretty().as_bytes(), key)?
                         .to_json_pretty()
                         .into_bytes()

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # nanofleet's main job on one machine: build, start a coordinator and three agents on
 # loopback, enroll the agents with one-time tokens over mutual TLS, fetch the real model
-# (SmolLM2-135M-Instruct, Q4_1 GGUF), sign it with a publisher key, publish it, and roll
-# it out to the agents in two health-gated waves.
+# (SmolLM2-135M-Instruct, Q4_1 GGUF), sign it with a publisher key, publish it, roll it
+# out to the agents in two health-gated waves (each agent loads it and answers a smoke
+# prompt before it serves), and ask it a question through an agent's local OpenAI API.
 # Leaves everything running until Ctrl-C (set NANOFLEET_DEMO_EXIT=1 to stop at the end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 grpc_port=${NANOFLEET_DEMO_GRPC_PORT:-7443}
 http_port=${NANOFLEET_DEMO_HTTP_PORT:-7480}
+api_port=${NANOFLEET_DEMO_API_PORT:-8081}   # agent i's local API: api_port + i
 work=${NANOFLEET_DEMO_DIR:-$(mktemp -d /tmp/nanofleet-demo.XXXXXX)}
 bin=target/release
 
@@ -55,7 +57,8 @@ for i in 0 1 2; do
     | python3 -c 'import json, sys; print(json.load(sys.stdin)["token"])')
   $bin/nanofleet-agent --data-dir "$work/agent-$i" --coordinator "https://127.0.0.1:$grpc_port" \
     --ca-cert "$work/coordinator/ca.crt" --token "$token" --label "hw=demo-$i" \
-    --trust-policy "$work/coordinator/trust.json" run 2>"$work/agent-$i.log" &
+    --trust-policy "$work/coordinator/trust.json" --api-listen "127.0.0.1:$((api_port + i))" \
+    --inference-threads 1 run 2>"$work/agent-$i.log" &
   pids+=($!)
 done
 
@@ -71,8 +74,8 @@ step "signing and publishing the model (chunk digests, GGUF header, signature ch
 $bin/nanofleet model publish "$model" --name smollm2-135m-instruct --version 1.0.0 \
   --license apache-2.0 --key "$work/publisher/publisher.key"
 
-step "rolling it out: wave 1 = 1 node, wave 2 = the rest, each gated on the nodes' health reports"
-rollout=$($bin/nanofleet rollout create --artifact smollm2-135m-instruct@1.0.0 --waves 33%,100% --json \
+step "rolling it out: wave 1 = 1 node, wave 2 = the rest, each gated on the nodes' health (model loads, smoke prompt answered)"
+rollout=$($bin/nanofleet rollout create --artifact smollm2-135m-instruct@1.0.0 --waves 33%,100% --require-smoke --json \
   | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
 for _ in $(seq 300); do
   state=$($bin/nanofleet rollout status "$rollout" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["state"])')
@@ -83,6 +86,11 @@ $bin/nanofleet rollout status "$rollout"
 sha256sum "$model" "$work"/agent-*/artifacts/smollm2-135m-instruct/1.0.0/model.gguf
 $bin/nanofleet events
 
+step "a prompt answered by agent-0's local OpenAI-compatible API (http://127.0.0.1:$api_port/v1)"
+curl -sf "http://127.0.0.1:$api_port/v1/chat/completions" -H 'Content-Type: application/json' \
+  -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 48, "temperature": 0}' \
+  | python3 -c 'import json, sys; r = json.load(sys.stdin); print("answer:", r["choices"][0]["message"]["content"]); print("usage:", r["usage"], "served by version", r["system_fingerprint"])'
+
 step "fleet metrics (Prometheus text at http://127.0.0.1:$http_port/metrics)"
 curl -s "http://127.0.0.1:$http_port/metrics" | grep '^nanofleet_'
 
@@ -91,6 +99,7 @@ cat <<TXT
 nanofleet is running: a coordinator and 3 agents with smollm2-135m-instruct@1.0.0 active, state in $work
   operator CLI:  export NANOFLEET_CLI_CONFIG=$NANOFLEET_CLI_CONFIG
                  $bin/nanofleet nodes list
+  local API:     http://127.0.0.1:$api_port/v1 (agents 1 and 2: ports $((api_port + 1)), $((api_port + 2)))
   metrics:       http://127.0.0.1:$http_port/metrics
   logs:          $work/*.log
 TXT

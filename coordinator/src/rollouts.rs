@@ -119,6 +119,9 @@ pub struct ArtifactReport {
     pub reason: String,
     pub loaded: bool,
     pub smoke_ok: bool,
+    /// The node runs no model; see `ModelHealth.store_only`.
+    #[serde(default)]
+    pub store_only: bool,
     pub error_rate: f32,
     pub p95_latency_ms: f32,
     pub bytes_fetched: u64,
@@ -216,6 +219,16 @@ pub fn judge(report: Option<&ArtifactReport>, version: &str, gate: &Gate) -> Nod
     };
     match report.state.as_str() {
         "failed" => NodeVerdict::Failed(report.reason.clone()),
+        "active" if report.store_only => {
+            if gate.require_smoke {
+                NodeVerdict::Failed(
+                    "the node serves no models (serve_models = false) and the gate requires the smoke prompt"
+                        .to_owned(),
+                )
+            } else {
+                NodeVerdict::Healthy
+            }
+        }
         "active" => {
             if !report.loaded {
                 NodeVerdict::Failed("the model does not load".to_owned())
@@ -830,6 +843,24 @@ mod tests {
             judge(Some(&no_smoke), "2", &gate),
             NodeVerdict::Failed(_)
         ));
+        let store_only = ArtifactReport {
+            loaded: false,
+            smoke_ok: false,
+            store_only: true,
+            ..healthy.clone()
+        };
+        assert!(matches!(
+            judge(Some(&store_only), "2", &gate),
+            NodeVerdict::Failed(_)
+        ));
+        let no_smoke_gate = Gate {
+            require_smoke: false,
+            ..gate.clone()
+        };
+        assert_eq!(
+            judge(Some(&store_only), "2", &no_smoke_gate),
+            NodeVerdict::Healthy
+        );
         let errors = ArtifactReport {
             error_rate: 0.5,
             ..healthy.clone()

@@ -9,7 +9,7 @@ use nanofleet_proto::v1::{
     enrollment_server::EnrollmentServer, node_service_server::NodeServiceServer,
     operator_service_server::OperatorServiceServer, FILE_DESCRIPTOR_SET,
 };
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
@@ -24,6 +24,9 @@ use crate::sessions::SessionHub;
 use crate::store::{KvStore, SledStore, StoreError};
 use crate::telemetry::{Telemetry, TelemetryError};
 use tracing::Instrument;
+
+/// Shortest time between two steps of the rollout engine.
+const MIN_STEP_GAP: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -63,19 +66,23 @@ async fn shutdown_signal() {
     }
 }
 
-/// Moves running rollouts forward twice a second until shutdown.
+/// Moves running rollouts forward twice a second, and soon after a node's final
+/// report (`wake`), until shutdown.
 async fn rollout_engine(
     rollouts: Rollouts,
     artifacts: ArtifactStore,
     sessions: Arc<SessionHub>,
+    wake: Arc<Notify>,
     stop: impl std::future::Future<Output = ()>,
 ) {
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
     loop {
         tokio::select! {
             _ = &mut stop => return,
             _ = ticker.tick() => {}
+            _ = wake.notified() => {}
         }
         let engine = rollouts.clone();
         match tokio::task::spawn_blocking(move || engine.tick()).await {
@@ -83,6 +90,9 @@ async fn rollout_engine(
             Ok(Err(error)) => tracing::error!(%error, "rollout step failed"),
             Err(error) => tracing::error!(%error, "rollout step panicked"),
         }
+        // Reports come in bursts; a wake while stepping is kept for after this pause,
+        // so a large fleet costs at most one step per pause, not one per report.
+        tokio::time::sleep(MIN_STEP_GAP).await;
     }
 }
 
@@ -147,6 +157,7 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
 
     let limit = config.max_message_bytes;
     let interval = config.heartbeat_interval_secs;
+    let engine_wake = Arc::new(Notify::new());
     let enrollment = EnrollmentServer::new(EnrollmentApi {
         registry: registry.clone(),
         pki: pki.clone(),
@@ -163,6 +174,7 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         heartbeat_interval_secs: interval,
         download_bytes_per_sec: config.download_bytes_per_sec,
         metrics: telemetry.metrics.clone(),
+        rollout_engine: engine_wake.clone(),
     })
     .max_decoding_message_size(limit);
     let operator = OperatorServiceServer::new(OperatorApi {
@@ -215,8 +227,14 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
     let http = crate::http::serve(http_listener, telemetry, stopped(stop_rx.clone()));
 
     tokio::spawn(
-        rollout_engine(rollouts, artifacts, sessions_for_engine, stopped(stop_rx))
-            .instrument(tracing::info_span!("rollout_engine")),
+        rollout_engine(
+            rollouts,
+            artifacts,
+            sessions_for_engine,
+            engine_wake,
+            stopped(stop_rx),
+        )
+        .instrument(tracing::info_span!("rollout_engine")),
     );
     tokio::spawn(async move {
         shutdown_signal().await;

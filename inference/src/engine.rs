@@ -100,6 +100,9 @@ pub struct GenerateRequest {
     /// Texts that end generation; the stop text itself is not returned.
     pub stop: Vec<String>,
     pub seed: u64,
+    /// Keep generating through end-of-generation tokens (their text is dropped), e.g. to
+    /// measure speed over a fixed number of tokens.
+    pub ignore_eos: bool,
 }
 
 impl GenerateRequest {
@@ -111,6 +114,7 @@ impl GenerateRequest {
             max_tokens,
             stop: Vec::new(),
             seed: 0,
+            ignore_eos: false,
         }
     }
 }
@@ -355,6 +359,18 @@ impl Engine {
         Ok(())
     }
 
+    /// Whether `request` can run: what [`Engine::generate`] refuses before any work, without
+    /// doing any, so that a server can answer at once instead of after a queue.
+    pub fn check_request(&self, request: &GenerateRequest) -> Result<()> {
+        request.sampling.validate()?;
+        match &request.prompt {
+            Prompt::Text(text) => {
+                self.check_prompt(&self.tokenizer.encode(text, true)?, request.max_tokens)
+            }
+            Prompt::Tokens(tokens) => self.check_prompt(tokens, request.max_tokens),
+        }
+    }
+
     /// The model's logits for the token after `tokens` (fresh context), e.g. for evaluation.
     pub fn next_token_logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.check_prompt(tokens, 0)?;
@@ -396,7 +412,9 @@ impl Engine {
             history.push(token);
             let is_last = index + 1 == request.max_tokens;
             let mut released = if self.tokenizer.is_end_of_generation(token) {
-                finish_reason = FinishReason::Stop;
+                if !request.ignore_eos {
+                    finish_reason = FinishReason::Stop;
+                }
                 crate::output::Released::default()
             } else {
                 output.push(self.tokenizer.piece(token)?)

@@ -148,6 +148,27 @@ pub fn write_tiny_model(
     tokenizer: TinyTokenizer,
     seed: u64,
 ) -> Result<()> {
+    write_model(path.as_ref(), architecture, tokenizer, seed, false)
+}
+
+/// Like [`write_tiny_model`], but the final norm holds NaN: a well-formed file whose model
+/// answers nothing, as a corrupted fine-tune or a bad conversion would. For health-gate tests.
+pub fn write_broken_tiny_model(
+    path: impl AsRef<Path>,
+    architecture: Architecture,
+    tokenizer: TinyTokenizer,
+    seed: u64,
+) -> Result<()> {
+    write_model(path.as_ref(), architecture, tokenizer, seed, true)
+}
+
+fn write_model(
+    path: &Path,
+    architecture: Architecture,
+    tokenizer: TinyTokenizer,
+    seed: u64,
+    broken: bool,
+) -> Result<()> {
     use gguf_file::Value;
     let mut w = Writer {
         rng: ChaCha8Rng::seed_from_u64(seed),
@@ -191,7 +212,11 @@ pub fn write_tiny_model(
     w.meta(format!("{arch}.rope.freq_base"), Value::F32(10_000.0));
 
     w.matrix("token_embd.weight", vocab, HIDDEN)?;
-    w.vector("output_norm.weight", HIDDEN, 1.0)?;
+    w.vector(
+        "output_norm.weight",
+        HIDDEN,
+        if broken { f32::NAN } else { 1.0 },
+    )?;
     if architecture == Architecture::Phi3 {
         // The phi3 loader has no tied-embedding fallback.
         w.matrix("output.weight", vocab, HIDDEN)?;
@@ -234,18 +259,17 @@ pub fn write_tiny_model(
         }
     }
 
-    let file =
-        std::fs::File::create(path.as_ref()).map_err(|source| crate::InferenceError::Open {
-            path: path.as_ref().to_path_buf(),
-            source,
-        })?;
+    let file = std::fs::File::create(path).map_err(|source| crate::InferenceError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut file = std::io::BufWriter::new(file);
     let metadata: Vec<(&str, &Value)> = w.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensors: Vec<(&str, &QTensor)> = w.tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
     gguf_file::write(&mut file, &metadata, &tensors)
         .map_err(model_err("writing the tiny model"))?;
     std::io::Write::flush(&mut file).map_err(|source| crate::InferenceError::Open {
-        path: path.as_ref().to_path_buf(),
+        path: path.to_path_buf(),
         source,
     })
 }

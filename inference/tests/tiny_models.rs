@@ -61,6 +61,7 @@ fn sampled(seed: u64) -> GenerateRequest {
         max_tokens: 12,
         stop: Vec::new(),
         seed,
+        ignore_eos: false,
     }
 }
 
@@ -301,4 +302,28 @@ fn sentencepiece_token_ids_equal_llama_cpp() {
         cases.len()
     );
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}
+
+#[test]
+fn ignore_eos_generates_through_end_of_generation_tokens() {
+    let (_dir, engine) = load(Architecture::Llama, TinyTokenizer::ByteLevel);
+    let eos = engine.model_info().eos_token.unwrap();
+    let max_tokens = 150;
+    let mut saw_eos = false;
+    // Nearly uniform sampling over the tiny vocabulary: across these seeds EOS comes up.
+    for seed in 0..12 {
+        let mut request = GenerateRequest {
+            max_tokens,
+            ignore_eos: true,
+            ..sampled(seed)
+        };
+        request.sampling.temperature = 20.0;
+        request.sampling.top_k = 0;
+        request.sampling.top_p = 1.0;
+        let completion = run(&engine, &request);
+        assert_eq!(completion.tokens.len(), max_tokens);
+        assert_eq!(completion.stats.finish_reason, FinishReason::Length);
+        saw_eos |= completion.tokens.contains(&eos);
+    }
+    assert!(saw_eos, "some sampled EOS was generated through");
 }

@@ -4,6 +4,15 @@
 # reference model (checked by tests/llama_cpp_parity.rs); and
 # inference/testdata/tiny-sentencepiece-llama-cpp.json: llama.cpp's token ids for the same texts
 # with the crate's tiny SentencePiece model (checked by tests/tiny_models.rs).
+#
+# Greedy runs use llama-completion with llama.cpp's default numerics (f16 KV cache, flash
+# attention "auto", which is on for the CPU backend; context size from the model) and only the
+# settings that make decoding greedy (--temp 0 --top-k 1 --repeat-penalty 1.0). llama-completion
+# prints text, not token ids: "ids" is that text tokenized by llama-tokenize, which equals the
+# generated ids unless llama.cpp generated a non-canonical split (then the test sees a mismatch
+# that is not one: it errs towards "different"). For comparison each prompt is also run with
+# f32 KV cache and flash attention off ("text_f32_attention"), attention done in f32 as candle
+# does it.
 # Usage: inference/tools/make-testdata.sh   (env NANOFLEET_TEST_GGUF picks another model file)
 set -euo pipefail
 
@@ -32,10 +41,11 @@ def text_file(text):
     f.close()
     return f.name
 
-def tokenize(text, model=model):
+def tokenize(text, model=model, extra=()):
     path = text_file(text)
     out = subprocess.run(
-        [f"{bin_dir}/llama-tokenize", "-m", model, "-f", path, "--ids", "--no-escape", "--log-disable"],
+        [f"{bin_dir}/llama-tokenize", "-m", model, "-f", path, "--ids", "--no-escape", "--log-disable",
+         *extra],
         check=True, capture_output=True).stdout.decode()
     os.unlink(path)
     line = [l for l in out.splitlines() if l.startswith("[")][-1]
@@ -46,14 +56,16 @@ def greedy(prompt, n_predict, extra):
     # with one.
     out = subprocess.run(
         [f"{bin_dir}/llama-completion", "-m", model, "-p", prompt, "-n", str(n_predict),
-         "--temp", "0", "--top-k", "1", "--repeat-penalty", "1.0", "-s", "0", "-c", "2048",
+         "--temp", "0", "--top-k", "1", "--repeat-penalty", "1.0", "-s", "0",
          "-t", "2", "-no-cnv", "--no-display-prompt", "--no-escape", "--no-warmup", *extra],
         check=True, capture_output=True, stdin=subprocess.DEVNULL).stdout.decode("utf-8")
-    # llama-completion ends its output with a blank line, and marks an end-of-generation
-    # token with " [end of text]" before it.
+    # llama-completion prints the generated text, then " [end of text]\n" if an
+    # end-of-generation token ended it, then "\n\n".
+    if not out.endswith("\n\n"):
+        raise SystemExit(f"unexpected llama-completion output {out!r}")
     out = out.removesuffix("\n\n")
-    ended = out.endswith(" [end of text]")
-    return out.removesuffix(" [end of text]"), ended
+    ended = out.endswith(" [end of text]\n")
+    return out.removesuffix(" [end of text]\n"), ended
 
 sha = hashlib.sha256(open(model, "rb").read()).hexdigest()
 version = subprocess.run([f"{bin_dir}/llama-completion", "--version"], capture_output=True).stderr.decode().strip().splitlines()
@@ -63,16 +75,20 @@ result = {
     "model_sha256": sha,
     "llama_cpp_version": version[0] if version else "",
     "tokenize": [dict(case, ids=tokenize(case["text"])) for case in prompts["tokenize"]],
+    "greedy_settings": (
+        "llama-completion -n N --temp 0 --top-k 1 --repeat-penalty 1.0 -s 0 -t 2 -no-cnv; "
+        "llama.cpp defaults otherwise (f16 KV cache, flash attention auto = on on CPU); "
+        "ids = llama-tokenize --no-bos --no-parse-special of text; "
+        "text_f32_attention adds -fa off -ctk f32 -ctv f32"),
     "greedy": [],
 }
-# Two llama.cpp configurations: its defaults (f16 KV cache, flash attention where available)
-# and f32 KV cache without flash attention, which does attention in f32 as candle does. On a
-# 135M model many greedy steps are near-ties, and the two already disagree with each other.
 F32_ATTENTION = ["-fa", "off", "-ctk", "f32", "-ctv", "f32"]
 for case in prompts["greedy"]:
     text, ended = greedy(case["prompt"], case["n_predict"], [])
+    # Generated text only: no BOS, and special-token text (none expected) stays text.
+    ids = tokenize(text, extra=["--no-bos", "--no-parse-special"]) if text else []
     text_f32, ended_f32 = greedy(case["prompt"], case["n_predict"], F32_ATTENTION)
-    result["greedy"].append(dict(case, text=text, ended_by_eog=ended,
+    result["greedy"].append(dict(case, text=text, ids=ids, ended_by_eog=ended,
                                  text_f32_attention=text_f32, ended_by_eog_f32_attention=ended_f32))
 with open(out_path, "w", encoding="utf-8") as f:
     json.dump(result, f, ensure_ascii=False, indent=1)

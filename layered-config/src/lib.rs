@@ -10,6 +10,28 @@ use serde::Serialize;
 
 pub type Error = Box<figment::Error>;
 
+/// A configuration value that must not be printed: `Debug` shows `<redacted>`, so a logged
+/// or dumped configuration never carries it. Read it with [`Secret::expose`].
+#[derive(Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// Loads `T` from its defaults, then `file` (which must exist when given), then the
 /// `NANOFLEET_<KEY>` variables for `env_keys` (only those, so that the variables of
 /// one binary never leak into another's), then `flags`, which should serialize only
@@ -64,6 +86,20 @@ mod tests {
     struct Flags {
         #[serde(skip_serializing_if = "Option::is_none")]
         d: Option<u32>,
+    }
+
+    #[test]
+    fn secrets_do_not_print_but_load() {
+        let secret = Secret::new("hunter2");
+        assert_eq!(format!("{secret:?}"), "<redacted>");
+        #[derive(Serialize, Deserialize)]
+        struct WithSecret {
+            key: Secret,
+        }
+        let loaded: WithSecret = Figment::from(Serialized::defaults(WithSecret { key: secret }))
+            .extract()
+            .unwrap();
+        assert_eq!(loaded.key.expose(), "hunter2");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use nanofleet_config::Secret;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -18,7 +19,7 @@ pub struct AgentConfig {
     /// Fleet CA certificate to trust while enrolling (PEM file).
     pub ca_cert: Option<PathBuf>,
     /// One-time bootstrap token; `run` enrolls with it when the device is not enrolled.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// Labels this device reports (the token's labels win on conflicts).
     pub labels: BTreeMap<String, String>,
     /// Upper bound of the jittered exponential reconnect delay, milliseconds.
@@ -30,6 +31,29 @@ pub struct AgentConfig {
     pub download_limit_bytes_per_sec: u64,
     /// Log filter in `tracing_subscriber::EnvFilter` syntax (`RUST_LOG` wins when set).
     pub log: String,
+    /// Serve activated models: load each into the inference engine, prove it with the smoke
+    /// prompt before it may serve, and answer the local API. `false` makes a store-only node
+    /// that verifies and keeps artifacts but runs no model (its rollout health reports say
+    /// so, and a gate that requires the smoke prompt fails it).
+    pub serve_models: bool,
+    /// Address of the local OpenAI-compatible API; loopback by default. Port 0 picks a free
+    /// port (written to `<data_dir>/api.addr`). Empty disables the API.
+    pub api_listen: String,
+    /// Bearer key the local API requires (`Authorization: Bearer <key>`); none = open. Set it
+    /// through `NANOFLEET_API_KEY` rather than the file where possible; it is never logged.
+    pub api_key: Option<Secret>,
+    /// Generations the local API runs at once.
+    pub api_max_concurrent: usize,
+    /// Requests that may wait for a generation slot; more are answered 429.
+    pub api_queue_depth: usize,
+    /// Threads for the forward pass; unset = one per core.
+    pub inference_threads: Option<usize>,
+    /// Cap on a model's context length, to bound KV-cache memory; unset = the model's own.
+    pub context_length: Option<usize>,
+    /// The user message every model must answer before it serves.
+    pub smoke_prompt: String,
+    /// Tokens generated for the smoke prompt.
+    pub smoke_max_tokens: usize,
 }
 
 impl Default for AgentConfig {
@@ -44,6 +68,15 @@ impl Default for AgentConfig {
             trust_policy: None,
             download_limit_bytes_per_sec: 0,
             log: "info".to_owned(),
+            serve_models: true,
+            api_listen: "127.0.0.1:8080".to_owned(),
+            api_key: None,
+            api_max_concurrent: 2,
+            api_queue_depth: 16,
+            inference_threads: None,
+            context_length: None,
+            smoke_prompt: "Say hello.".to_owned(),
+            smoke_max_tokens: 8,
         }
     }
 }
@@ -63,6 +96,13 @@ impl AgentConfig {
                 "token",
                 "reconnect_max_ms",
                 "log",
+                "serve_models",
+                "api_listen",
+                "api_key",
+                "api_max_concurrent",
+                "api_queue_depth",
+                "inference_threads",
+                "context_length",
             ],
             flags,
         )

@@ -8,4 +8,6 @@ pub mod config;
 pub mod enroll;
 pub mod facts;
 pub mod identity;
+pub mod local_api;
+pub mod models;
 pub mod session;

@@ -54,6 +54,8 @@ type ArtifactJob = (AssignArtifact, NodeServiceClient<Channel>);
 /// Applies assignments one at a time and reports the outcome. An interrupted download
 /// is retried a few times; after that, the next reconnect brings the assignment again.
 async fn artifact_worker(artifacts: Arc<ArtifactManager>, mut jobs: mpsc::Receiver<ArtifactJob>) {
+    // What was active at the last run serves before the coordinator is reached.
+    artifacts.serve_active().await;
     while let Some((assign, mut client)) = jobs.recv().await {
         let mut attempt = 0;
         loop {

@@ -3,15 +3,22 @@
 # nanofleet, and in the same run serve the same file with nginx to N concurrent curl
 # clients. Prints both wall times, the ratio, and the coordinator's peak RSS.
 # nanofleet's time includes TLS, per-chunk and whole-file verification on every agent
-# and the atomic activation; curl only writes the bytes to disk.
+# and the atomic, durable activation; curl only writes the bytes to disk. The agents run
+# store-only (--serve-models false): like curl they load no model, and they start no
+# local API (twenty of them would contend for its one port).
 # Usage: tests/bench/rollout-vs-nginx.sh [N]   (default 20). Run on a quiet machine.
+# Builds into and runs from $CARGO_TARGET_DIR when set (default: target/).
 set -euo pipefail
 agents=${1:-20}
 cd "$(dirname "$0")/../.."
 command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx >/dev/null; }
 cargo build --release --bins -q
 model=$(deploy/fetch-model.sh)
-bin=$PWD/target/release
+# fetch-model.sh prints the first SmolLM2 GGUF it finds; other quantizations may share
+# its directory, and the benchmark is defined on the Q4_1 file.
+reference="$(dirname "$model")/SmolLM2-135M-Instruct.Q4_1.gguf"
+[ -f "$reference" ] && model=$reference
+bin=${CARGO_TARGET_DIR:-$PWD/target}/release
 work=$(mktemp -d)
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
@@ -32,7 +39,7 @@ $bin/nanofleet model publish "$model" --name smollm2-135m-instruct --version 1.0
 for i in $(seq "$agents"); do
   token=$($bin/nanofleet token create --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
   RUST_LOG=warn $bin/nanofleet-agent --data-dir "$work/a$i" --coordinator "https://$grpc" --ca-cert "$work/c/ca.crt" \
-    --token "$token" --trust-policy "$work/c/trust.json" run 2>"$work/a$i.log" &
+    --token "$token" --trust-policy "$work/c/trust.json" --serve-models false run 2>"$work/a$i.log" &
   pids+=($!)
 done
 for _ in $(seq 300); do
@@ -41,10 +48,13 @@ for _ in $(seq 300); do
   sleep 0.2
 done
 
+# The timed loop reads the first line of the CLI's text output ("rollout ID ARTIFACT
+# STATE") with awk rather than parsing JSON with python: on a small machine a python
+# start per poll takes CPU time from the rollout it measures.
 start=$(date +%s.%N)
-id=$($bin/nanofleet rollout create --artifact smollm2-135m-instruct@1.0.0 --waves 100% --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+id=$($bin/nanofleet rollout create --artifact smollm2-135m-instruct@1.0.0 --waves 100% | awk 'NR == 1 {print $2}')
 while :; do
-  state=$($bin/nanofleet rollout status "$id" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])')
+  state=$($bin/nanofleet rollout status "$id" | awk 'NR == 1 {print $4}')
   [ "$state" = running ] || break
   sleep 0.05
 done

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use nanofleet_transport::ClientTls;
 
+pub mod fleet;
+
 /// Path of a workspace binary. The test command builds them first
 /// (`cargo build --bins`); they sit next to the test's `deps` directory.
 pub fn bin(name: &str) -> PathBuf {
@@ -284,6 +286,11 @@ impl Agent {
             format!("agent={name}"),
             "--reconnect-max-ms".into(),
             "1000".into(),
+            // Several agents share the machine: each API on a free port, one thread each.
+            "--api-listen".into(),
+            "127.0.0.1:0".into(),
+            "--inference-threads".into(),
+            "1".into(),
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
         let mut agent = Self {
@@ -354,6 +361,94 @@ impl Agent {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Where the agent's local API listens (`host:port`), once it does.
+    pub fn api_address(&self) -> String {
+        let file = self.dir.join("api.addr");
+        let mut address = None;
+        let listening = wait_until(Duration::from_secs(20), || {
+            address = std::fs::read_to_string(&file)
+                .ok()
+                .map(|text| text.trim().to_owned())
+                .filter(|text| !text.is_empty());
+            address.is_some()
+        });
+        assert!(
+            listening,
+            "the local API never listened; see {}",
+            self.log.display()
+        );
+        address.expect("api address")
+    }
+}
+
+/// An HTTP response as the tests see it.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// Sends one HTTP/1.0 request (so the answer is delimited by the connection closing, with
+/// no chunked framing) and returns a reader positioned at the body, with the status.
+fn http_send(
+    address: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, std::io::BufReader<std::net::TcpStream>) {
+    use std::io::{BufRead, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("connects to the API");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("sends the request");
+    let mut reader = std::io::BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).expect("status line");
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("header line");
+        if line.trim().is_empty() {
+            break;
+        }
+    }
+    (status, reader)
+}
+
+/// A whole HTTP request to the agent's local API.
+pub fn http(address: &str, method: &str, path: &str, body: &str) -> HttpResponse {
+    use std::io::Read;
+    let (status, mut reader) = http_send(address, method, path, body);
+    let mut body = String::new();
+    reader.read_to_string(&mut body).expect("reads the body");
+    HttpResponse { status, body }
+}
+
+/// A streaming request: `on_data` gets each SSE `data:` payload as it arrives.
+pub fn http_sse(address: &str, path: &str, body: &str, mut on_data: impl FnMut(&str)) -> u16 {
+    use std::io::BufRead;
+    let (status, reader) = http_send(address, "POST", path, body);
+    for line in reader.lines() {
+        let line = line.expect("reads the stream");
+        if let Some(data) = line.strip_prefix("data: ") {
+            on_data(data);
+        }
+    }
+    status
 }
 
 impl Drop for Agent {
@@ -441,13 +536,53 @@ pub async fn raw_unary(
     .map(tonic::Response::into_inner)
 }
 
-/// A tiny but valid GGUF model file (llama architecture, Q8_0 weights, random values),
-/// about 9 KiB: enough to exercise chunking, digests and header checks quickly.
-pub fn tiny_gguf(architecture: &str, seed: u8) -> Vec<u8> {
-    gguf_with_rows(architecture, seed, 128)
+/// The reference model (SmolLM2-135M-Instruct GGUF) that tests/run.sh fetches and names in
+/// `NANOFLEET_TEST_GGUF`.
+pub fn reference_model() -> PathBuf {
+    std::env::var_os("NANOFLEET_TEST_GGUF")
+        .map(PathBuf::from)
+        .expect("NANOFLEET_TEST_GGUF must name the reference model: run the tests with tests/run.sh, or set it to deploy/fetch-model.sh's output")
 }
 
-/// A valid GGUF with two Q8_0 tensors of `rows` rows each (34 bytes a row).
+/// A tiny random model that loads and answers (llama architecture, byte-level tokenizer,
+/// ChatML), about 150 KiB; `seed` picks the weights, so different seeds are different files.
+pub fn tiny_gguf(seed: u8) -> Vec<u8> {
+    model_bytes(seed, |path, architecture, tokenizer, seed| {
+        nanofleet_inference::tiny::write_tiny_model(path, architecture, tokenizer, seed)
+    })
+}
+
+/// Like [`tiny_gguf`], but its weights are broken (NaN): signed and well-formed, it loads
+/// and fails the smoke prompt.
+pub fn broken_tiny_gguf(seed: u8) -> Vec<u8> {
+    model_bytes(seed, |path, architecture, tokenizer, seed| {
+        nanofleet_inference::tiny::write_broken_tiny_model(path, architecture, tokenizer, seed)
+    })
+}
+
+fn model_bytes(
+    seed: u8,
+    write: fn(
+        &Path,
+        nanofleet_inference::Architecture,
+        nanofleet_inference::tiny::TinyTokenizer,
+        u64,
+    ) -> nanofleet_inference::Result<()>,
+) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("model.gguf");
+    write(
+        &file,
+        nanofleet_inference::Architecture::Llama,
+        nanofleet_inference::tiny::TinyTokenizer::ByteLevel,
+        u64::from(seed),
+    )
+    .expect("writes the tiny model");
+    std::fs::read(&file).expect("reads the tiny model")
+}
+
+/// A valid GGUF header with two Q8_0 tensors of `rows` rows each (34 bytes a row): big or
+/// small at will, but not a model that loads (for store-only agents and coordinator checks).
 pub fn gguf_with_rows(architecture: &str, seed: u8, rows: u64) -> Vec<u8> {
     use nanofleet_artifact::gguf::{GgmlType, GgufWriter, MetadataValue};
     let block = |i: usize| -> Vec<u8> {

@@ -3,142 +3,19 @@
 //! header before activating; a failing wave halts the rollout and rolls its nodes back;
 //! an interrupted download resumes from the last verified chunk.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nanofleet_e2e::{gguf_with_rows, ok, path, tiny_gguf, wait_until, Agent, Coordinator};
-use serde_json::Value;
-
-/// A publisher key trusted by the coordinator for `pattern`; returns the key's paths.
-fn trusted_key(
-    coordinator: &Coordinator,
-    root: &Path,
-    name: &str,
-    pattern: &str,
-) -> (PathBuf, PathBuf) {
-    let dir = root.join(name);
-    ok(&coordinator.cli(&["model", "keygen", "--out", &path(&dir)]));
-    let public = dir.join("publisher.pub");
-    ok(&coordinator.admin(&[
-        "trust",
-        "add-key",
-        "--key",
-        &path(&public),
-        "--names",
-        pattern,
-    ]));
-    (dir.join("publisher.key"), public)
-}
-
-/// A trust policy file for agents that lists only `public_key`.
-fn agent_trust_policy(root: &Path, public_key: &Path, pattern: &str) -> PathBuf {
-    let dir = root.join("agent-trust");
-    let output = std::process::Command::new(nanofleet_e2e::bin("nanofleet-coordinator"))
-        .args([
-            "--data-dir",
-            &path(&dir),
-            "trust",
-            "add-key",
-            "--key",
-            &path(public_key),
-            "--names",
-            pattern,
-        ])
-        .output()
-        .unwrap();
-    ok(&output);
-    dir.join("trust.json")
-}
-
-fn publish(
-    coordinator: &Coordinator,
-    file: &Path,
-    name: &str,
-    version: &str,
-    key: &Path,
-    chunk_size: &str,
-) {
-    ok(&coordinator.cli(&[
-        "model",
-        "publish",
-        &path(file),
-        "--name",
-        name,
-        "--version",
-        version,
-        "--key",
-        &path(key),
-        "--chunk-size",
-        chunk_size,
-    ]));
-}
-
-fn start_agents(
-    coordinator: &Coordinator,
-    root: &Path,
-    count: usize,
-    extra: &[&str],
-) -> Vec<Agent> {
-    let agents: Vec<Agent> = (0..count)
-        .map(|i| {
-            let token = coordinator.create_token("10m", "site=plant-3");
-            Agent::start_with(root, &format!("agent-{i}"), coordinator, &token, extra)
-        })
-        .collect();
-    for agent in &agents {
-        agent.wait_enrolled();
-    }
-    agents
-}
-
-fn create_rollout(coordinator: &Coordinator, artifact: &str, waves: &str) -> String {
-    let rollout = coordinator.cli_json(&[
-        "rollout",
-        "create",
-        "--artifact",
-        artifact,
-        "--selector",
-        "site=plant-3",
-        "--waves",
-        waves,
-        "--wave-timeout",
-        "60s",
-    ]);
-    rollout["id"].as_str().unwrap().to_owned()
-}
-
-fn status(coordinator: &Coordinator, id: &str) -> Value {
-    coordinator.cli_json(&["rollout", "status", id])
-}
-
-fn wait_state(coordinator: &Coordinator, id: &str, state: &str, timeout: Duration) -> Value {
-    let mut last = Value::Null;
-    let reached = wait_until(timeout, || {
-        last = status(coordinator, id);
-        last["state"] == state
-    });
-    assert!(reached, "rollout never became {state}: {last:#}");
-    last
-}
-
-/// The active version of `name` on an agent, read from its disk.
-fn active(agent: &Agent, name: &str) -> Option<String> {
-    let text =
-        std::fs::read_to_string(agent.dir.join("artifacts").join(name).join("state.json")).ok()?;
-    let state: Value = serde_json::from_str(&text).ok()?;
-    state["active"].as_str().map(str::to_owned)
-}
-
-fn sha256_file(file: &Path) -> String {
-    nanofleet_artifact::ids::Sha256Digest::of(&std::fs::read(file).unwrap()).to_string()
-}
+use nanofleet_e2e::fleet::{
+    active, agent_trust_policy, create_rollout, publish, sha256_file, start_agents, status,
+    trusted_key, wait_state,
+};
+use nanofleet_e2e::{
+    broken_tiny_gguf, gguf_with_rows, path, reference_model, tiny_gguf, wait_until, Coordinator,
+};
 
 #[test]
 fn the_real_model_rolls_out_to_three_agents_in_two_waves() {
-    let Some(model) = std::env::var_os("NANOFLEET_TEST_GGUF").map(PathBuf::from) else {
-        eprintln!("NANOFLEET_TEST_GGUF is not set (tests/run.sh sets it): skipped");
-        return;
-    };
+    let model = reference_model();
     let root = tempfile::tempdir().unwrap();
     let coordinator = Coordinator::start(root.path());
     let (key, public) = trusted_key(&coordinator, root.path(), "publisher", "smollm2-*");
@@ -185,6 +62,74 @@ fn the_real_model_rolls_out_to_three_agents_in_two_waves() {
 }
 
 #[test]
+fn a_model_that_fails_the_smoke_prompt_halts_after_wave_one_and_never_reaches_the_rest() {
+    let root = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(root.path());
+    let (key, public) = trusted_key(&coordinator, root.path(), "publisher", "tiny");
+    let trust = agent_trust_policy(root.path(), &public, "tiny");
+    let file_v1 = root.path().join("v1.gguf");
+    std::fs::write(&file_v1, tiny_gguf(1)).unwrap();
+    // Signed by the trusted key and well-formed: only running it shows it is broken.
+    let file_v2 = root.path().join("v2.gguf");
+    std::fs::write(&file_v2, broken_tiny_gguf(2)).unwrap();
+    publish(&coordinator, &file_v1, "tiny", "1.0.0", &key, "16384");
+    publish(&coordinator, &file_v2, "tiny", "2.0.0", &key, "16384");
+    let agents = start_agents(
+        &coordinator,
+        root.path(),
+        3,
+        &["--trust-policy", &path(&trust)],
+    );
+    let v1 = create_rollout(&coordinator, "tiny@1.0.0", "100%");
+    wait_state(&coordinator, &v1, "completed", Duration::from_secs(60));
+    for agent in &agents {
+        let models = nanofleet_e2e::http(&agent.api_address(), "GET", "/v1/models", "").json();
+        assert_eq!(models["data"][0]["version"], "1.0.0", "{models:#}");
+    }
+
+    let v2 = create_rollout(&coordinator, "tiny@2.0.0", "33%,100%");
+    let halted = wait_state(&coordinator, &v2, "halted", Duration::from_secs(60));
+    let reason = halted["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("wave 1 failed its gate") && reason.contains("smoke prompt failed"),
+        "{halted:#}"
+    );
+    assert_eq!(halted["waves"][1]["state"], "waiting");
+    let wave1: Vec<&str> = halted["waves"][0]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(wave1.len(), 1);
+    for agent in &agents {
+        // Every node still serves 1.0.0, through the API, and records it as active.
+        assert_eq!(active(agent, "tiny").as_deref(), Some("1.0.0"));
+        let answer = nanofleet_e2e::http(
+            &agent.api_address(),
+            "POST",
+            "/v1/completions",
+            r#"{"model":"tiny","prompt":"the cat","max_tokens":3}"#,
+        );
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert_eq!(answer.json()["system_fingerprint"], "1.0.0");
+        let in_wave1 = wave1.contains(&agent.node_id().unwrap().as_str());
+        // The broken file was deleted where it was tried, and never sent anywhere else.
+        assert!(!agent.dir.join("artifacts/tiny/2.0.0").exists());
+        if !in_wave1 {
+            assert!(!agent.log().contains("2.0.0"), "{}", agent.log());
+        }
+    }
+    let failures = coordinator.cli_json(&["events", "--action", "artifact.failed"]);
+    let failures = failures.as_array().unwrap();
+    assert_eq!(failures.len(), 1, "{failures:#?}");
+    assert!(
+        failures[0].to_string().contains("weights are broken"),
+        "{failures:#?}"
+    );
+}
+
+#[test]
 fn a_failing_wave_halts_the_rollout_and_rolls_its_nodes_back() {
     let root = tempfile::tempdir().unwrap();
     let coordinator = Coordinator::start(root.path());
@@ -194,9 +139,9 @@ fn a_failing_wave_halts_the_rollout_and_rolls_its_nodes_back() {
     let (rogue_key, _) = trusted_key(&coordinator, root.path(), "rogue", "tiny");
     let trust = agent_trust_policy(root.path(), &public, "tiny");
     let file_v1 = root.path().join("v1.gguf");
-    std::fs::write(&file_v1, tiny_gguf("llama", 1)).unwrap();
+    std::fs::write(&file_v1, tiny_gguf(1)).unwrap();
     let file_v2 = root.path().join("v2.gguf");
-    std::fs::write(&file_v2, tiny_gguf("llama", 2)).unwrap();
+    std::fs::write(&file_v2, tiny_gguf(2)).unwrap();
     publish(&coordinator, &file_v1, "tiny", "1.0.0", &key, "1024");
     publish(&coordinator, &file_v2, "tiny", "2.0.0", &rogue_key, "1024");
     let agents = start_agents(
@@ -257,7 +202,7 @@ fn tampered_chunks_are_refused_and_the_previous_version_keeps_serving() {
     );
     for (version, seed) in [("1.0.0", 1), ("2.0.0", 2), ("3.0.0", 3)] {
         let file = root.path().join(format!("{version}.gguf"));
-        std::fs::write(&file, tiny_gguf("llama", seed)).unwrap();
+        std::fs::write(&file, tiny_gguf(seed)).unwrap();
         publish(&coordinator, &file, "tiny", version, &key, "1024");
     }
     let v1 = create_rollout(&coordinator, "tiny@1.0.0", "100%");
@@ -333,11 +278,12 @@ fn an_interrupted_download_resumes_from_the_last_verified_chunk() {
         &key,
         &chunk_size.to_string(),
     );
+    // A header-only GGUF: the agent keeps it but runs no model.
     let mut agents = start_agents(
         &coordinator,
         root.path(),
         1,
-        &["--trust-policy", &path(&trust)],
+        &["--trust-policy", &path(&trust), "--serve-models", "false"],
     );
     let id = create_rollout(&coordinator, "tiny@1.0.0", "100%");
 
@@ -378,7 +324,7 @@ fn pinned_nodes_are_skipped_and_offline_nodes_converge_when_they_return() {
     let trust = agent_trust_policy(root.path(), &public, "tiny");
     for (version, seed) in [("1.0.0", 1), ("2.0.0", 2)] {
         let file = root.path().join(format!("{version}.gguf"));
-        std::fs::write(&file, tiny_gguf("llama", seed)).unwrap();
+        std::fs::write(&file, tiny_gguf(seed)).unwrap();
         publish(&coordinator, &file, "tiny", version, &key, "1024");
     }
     let mut agents = start_agents(

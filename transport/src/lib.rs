@@ -10,6 +10,12 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 /// configured limit; this keeps clients from buffering more than that).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
+/// Largest HTTP/2 frame this client accepts. One frame then carries a whole artifact
+/// download message (256 KiB) instead of sixteen frames of the default 16 KiB; in the
+/// loopback benchmark that took about a sixth of the coordinator's CPU time per
+/// download and a few percent of the agent's. Messages stay bounded by their own limit.
+const MAX_FRAME_BYTES: u32 = 1 << 20;
+
 /// PEM material a client presents and trusts.
 #[derive(Clone)]
 pub struct ClientTls {
@@ -72,6 +78,7 @@ pub fn endpoint(url: &str, tls: &ClientTls) -> Result<Endpoint, TransportError> 
             endpoint
                 .connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true)
+                .max_frame_size(MAX_FRAME_BYTES)
                 .http2_keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_timeout(Duration::from_secs(10))
                 .keep_alive_while_idle(true)

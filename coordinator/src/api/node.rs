@@ -1,5 +1,8 @@
 //! `nanofleet.v1.NodeService`: heartbeats and the command stream, for enrolled nodes.
 
+use std::fs::File;
+use std::io::Read;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -9,8 +12,7 @@ use nanofleet_proto::v1::{
     ChunkData, Command, FetchChunksRequest, HeartbeatRequest, HeartbeatResponse, SubscribeRequest,
     Welcome,
 };
-use tokio::io::AsyncReadExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -33,6 +35,9 @@ pub struct NodeApi {
     /// Per-stream download limit in bytes per second; 0 = none.
     pub download_bytes_per_sec: u64,
     pub metrics: Metrics,
+    /// Wakes the rollout engine: a node's final report may decide its wave now rather
+    /// than at the engine's next tick.
+    pub rollout_engine: Arc<Notify>,
 }
 
 type CommandStream = Pin<Box<dyn Stream<Item = Result<Command, Status>> + Send>>;
@@ -41,6 +46,10 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<ChunkData, Status>> + Send>>
 /// Bytes per `ChunkData` frame: small enough to stay far below message limits and to
 /// keep memory per download stream at a few frames.
 const FRAME_BYTES: usize = 256 * 1024;
+/// Frames read from disk per trip to the blocking pool.
+const READ_FRAMES: usize = 2;
+/// Frames waiting for the transport per download stream.
+const QUEUED_FRAMES: usize = 4;
 const MAX_REPORT_TEXT: usize = 1024;
 
 /// The command that tells a node its desired state for one artifact name.
@@ -73,6 +82,136 @@ async fn throttle(started: tokio::time::Instant, sent: u64, limit: u64) {
     }
     let due = std::time::Duration::from_secs_f64(sent as f64 / limit as f64);
     tokio::time::sleep_until(started + due).await;
+}
+
+/// Streams the chunk files at `paths` as frames, in order, until the agent goes away
+/// (it resumes from its last verified chunk). The files are read on the blocking pool
+/// a few frames at a time, so that one trip there serves several frames.
+async fn send_chunks(
+    paths: Vec<(u32, PathBuf)>,
+    limit: u64,
+    sender: mpsc::Sender<Result<ChunkData, Status>>,
+) {
+    let started = tokio::time::Instant::now();
+    let mut sent = 0u64;
+    for (chunk_index, path) in paths {
+        let mut reader = ChunkReader::open(path).await;
+        loop {
+            let frames = match reader.next_frames().await {
+                Ok(frames) if frames.is_empty() => break,
+                Ok(frames) => frames,
+                Err(status) => {
+                    let _ = sender.send(Err(status)).await;
+                    return;
+                }
+            };
+            for (offset, data) in frames {
+                let len = data.len() as u64;
+                throttle(started, sent, limit).await;
+                let frame = ChunkData {
+                    chunk_index,
+                    offset,
+                    data,
+                };
+                if sender.send(Ok(frame)).await.is_err() {
+                    return; // the agent went away; it resumes from its last verified chunk
+                }
+                sent += len;
+            }
+        }
+    }
+}
+
+/// Reads one chunk file frame by frame, off the async runtime.
+struct ChunkReader {
+    path: PathBuf,
+    /// The open file until it ends; the error if it could not be opened.
+    file: Option<std::io::Result<File>>,
+    offset: u64,
+}
+
+impl ChunkReader {
+    async fn open(path: PathBuf) -> Self {
+        let opening = path.clone();
+        let file = blocking(move || File::open(opening)).await;
+        Self {
+            path,
+            file: Some(file.and_then(|opened| opened)),
+            offset: 0,
+        }
+    }
+
+    /// The next frames (offset in the chunk, bytes), at most [`READ_FRAMES`] of them;
+    /// none once the file has ended.
+    async fn next_frames(&mut self) -> Result<Vec<(u64, Vec<u8>)>, Status> {
+        let mut file = match self.file.take() {
+            None => return Ok(Vec::new()),
+            Some(Ok(file)) => file,
+            Some(Err(error)) => {
+                tracing::error!(%error, path = %self.path.display(), "chunk missing from the store");
+                return Err(Status::internal(
+                    "a chunk of this artifact is missing on the coordinator",
+                ));
+            }
+        };
+        let offset = self.offset;
+        // Allocated here rather than on the blocking thread: each thread that allocates
+        // frames grows its own malloc arena, and the blocking pool has many threads.
+        let buffers = (0..READ_FRAMES)
+            .map(|_| Vec::with_capacity(FRAME_BYTES))
+            .collect();
+        let (file, frames) = blocking(move || {
+            let frames = read_frames(&mut file, offset, buffers);
+            (file, frames)
+        })
+        .await
+        .and_then(|(file, frames)| Ok((file, frames?)))
+        .map_err(|error| {
+            tracing::error!(%error, path = %self.path.display(), "reading a chunk failed");
+            Status::internal("reading the artifact failed")
+        })?;
+        let read: usize = frames.iter().map(|(_, data)| data.len()).sum();
+        self.offset += read as u64;
+        if read == READ_FRAMES * FRAME_BYTES {
+            self.file = Some(Ok(file)); // more may follow
+        }
+        Ok(frames)
+    }
+}
+
+/// Runs file work on the blocking pool; a panic there becomes an I/O error.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(std::io::Error::other)
+}
+
+/// Reads frames from `file` into `buffers` (empty, with room for a frame each), the
+/// first at `offset` bytes into the chunk; stops early at the end of the file.
+fn read_frames(
+    file: &mut File,
+    mut offset: u64,
+    buffers: Vec<Vec<u8>>,
+) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
+    let mut frames = Vec::with_capacity(buffers.len());
+    for mut data in buffers {
+        // `read_to_end` fills the spare capacity without zeroing it first.
+        (&mut *file)
+            .take(FRAME_BYTES as u64)
+            .read_to_end(&mut data)?;
+        if data.is_empty() {
+            break;
+        }
+        let len = data.len();
+        frames.push((offset, data));
+        offset += len as u64;
+        if len < FRAME_BYTES {
+            break;
+        }
+    }
+    Ok(frames)
 }
 
 #[tonic::async_trait]
@@ -175,45 +314,10 @@ impl NodeService for NodeApi {
                 )
             })
             .collect();
-        let (sender, receiver) = mpsc::channel(4);
-        let node_id = node.id.clone();
+        let (sender, receiver) = mpsc::channel(QUEUED_FRAMES);
         tokio::spawn(
-            async move {
-                let started = tokio::time::Instant::now();
-                let mut sent = 0u64;
-                for (chunk_index, path) in paths {
-                    let mut file = match tokio::fs::File::open(&path).await {
-                        Ok(file) => file,
-                        Err(error) => {
-                            tracing::error!(%error, path = %path.display(), "chunk missing from the store");
-                            let _ = sender.send(Err(Status::internal("a chunk of this artifact is missing on the coordinator"))).await;
-                            return;
-                        }
-                    };
-                    let mut offset = 0u64;
-                    loop {
-                        let mut frame = vec![0u8; FRAME_BYTES];
-                        let n = match file.read(&mut frame).await {
-                            Ok(0) => break,
-                            Ok(n) => n,
-                            Err(error) => {
-                                tracing::error!(%error, "reading a chunk failed");
-                                let _ = sender.send(Err(Status::internal("reading the artifact failed"))).await;
-                                return;
-                            }
-                        };
-                        frame.truncate(n);
-                        throttle(started, sent, limit).await;
-                        let data = ChunkData { chunk_index, offset, data: frame };
-                        if sender.send(Ok(data)).await.is_err() {
-                            return; // the agent went away; it resumes from its last verified chunk
-                        }
-                        offset += n as u64;
-                        sent += n as u64;
-                    }
-                }
-            }
-            .instrument(tracing::info_span!("fetch_chunks", node = %node_id)),
+            send_chunks(paths, limit, sender)
+                .instrument(tracing::info_span!("fetch_chunks", node = %node.id)),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
@@ -246,6 +350,7 @@ impl NodeService for NodeApi {
             reason: r.reason.clone(),
             loaded: health.loaded,
             smoke_ok: health.smoke_ok,
+            store_only: health.store_only,
             error_rate: health.error_rate,
             p95_latency_ms: health.p95_latency_ms,
             bytes_fetched: r.bytes_fetched,
@@ -259,6 +364,9 @@ impl NodeService for NodeApi {
         deployments
             .record_report(&node.id, &r.name, &report)
             .map_err(|e| status_of(e.into()))?;
+        if state != "downloading" {
+            self.rollout_engine.notify_one();
+        }
         let changed = before.is_none_or(|b| b.state != report.state || b.version != report.version);
         if changed && state != "downloading" {
             let action = if state == "active" {

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use nanofleet_agent::artifacts::ArtifactManager;
 use nanofleet_agent::config::AgentConfig;
 use nanofleet_agent::identity::Identity;
+use nanofleet_agent::local_api::{self, ApiOptions};
+use nanofleet_agent::models::{HostOptions, ModelHost};
 use nanofleet_agent::session::{self, SessionOptions};
 use nanofleet_artifact::trust::TrustPolicy;
 use serde::Serialize;
@@ -55,6 +57,24 @@ struct Flags {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     download_limit_bytes_per_sec: Option<u64>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    serve_models: Option<bool>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_listen: Option<String>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_max_concurrent: Option<usize>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_queue_depth: Option<usize>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inference_threads: Option<usize>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context_length: Option<usize>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -80,6 +100,100 @@ enum Command {
     Run,
     /// Print the device facts this agent reports.
     Facts,
+    /// Generate text from a local GGUF, without the coordinator or the API: the text on
+    /// stdout, load time and speed on stderr.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// The GGUF model file.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Forward-pass threads (default: --inference-threads, else one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep generating through end-of-generation tokens (for speed measurements).
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+fn generate(args: GenerateArgs, config: &AgentConfig) -> anyhow::Result<()> {
+    use nanofleet_inference::{
+        ChatMessage, Engine, EngineOptions, GenerateRequest, SamplingParams,
+    };
+    use std::io::Write;
+    let engine = Engine::load(
+        &args.model,
+        EngineOptions {
+            threads: args.threads.or(config.inference_threads),
+            context_length: config.context_length,
+            ..EngineOptions::default()
+        },
+    )?;
+    let info = engine.model_info();
+    eprintln!(
+        "loaded {} ({}, context {}) in {:.3} s",
+        args.model.display(),
+        info.architecture.gguf_name(),
+        info.context_length,
+        info.load_time.as_secs_f64()
+    );
+    let prompt = if args.chat {
+        engine.render_chat(&[ChatMessage::new("user", args.prompt)])?
+    } else {
+        args.prompt
+    };
+    let request = GenerateRequest {
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            ..SamplingParams::default()
+        },
+        seed: args.seed,
+        ignore_eos: args.ignore_eos,
+        ..GenerateRequest::greedy(prompt, args.max_tokens)
+    };
+    let mut stdout = std::io::stdout().lock();
+    let completion = engine.generate(&request, |event| {
+        // A closed stdout (e.g. `| head`) ends generation instead of failing it.
+        match stdout
+            .write_all(event.text.as_bytes())
+            .and_then(|()| stdout.flush())
+        {
+            Ok(()) => std::ops::ControlFlow::Continue(()),
+            Err(_) => std::ops::ControlFlow::Break(()),
+        }
+    })?;
+    let _ = writeln!(stdout);
+    let stats = &completion.stats;
+    eprintln!(
+        "prompt: {} tokens, {:.1} tokens/s; generated: {} tokens, {:.1} tokens/s; time to first token {:.3} s; finish: {:?}",
+        stats.prompt_tokens,
+        stats.prompt_tokens_per_second(),
+        stats.completion_tokens,
+        stats.generation_tokens_per_second(),
+        stats.time_to_first_token.as_secs_f64(),
+        stats.finish_reason
+    );
+    Ok(())
 }
 
 async fn enroll(config: &AgentConfig) -> anyhow::Result<Identity> {
@@ -93,7 +207,7 @@ async fn enroll(config: &AgentConfig) -> anyhow::Result<Identity> {
     let identity = nanofleet_agent::enroll::enroll(
         coordinator,
         ca_pem,
-        token,
+        token.expose(),
         nanofleet_agent::facts::collect(&config.labels),
     )
     .await?;
@@ -128,11 +242,26 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
             None
         }
     };
-    let artifacts = Arc::new(ArtifactManager::new(
-        &config.data_dir,
-        trust,
-        config.download_limit_bytes_per_sec,
-    ));
+    let host = config.serve_models.then(|| {
+        Arc::new(ModelHost::new(HostOptions {
+            threads: config.inference_threads,
+            context_length: config.context_length,
+            smoke_prompt: config.smoke_prompt.clone(),
+            smoke_max_tokens: config.smoke_max_tokens,
+        }))
+    });
+    let api = match &host {
+        Some(host) if !config.api_listen.is_empty() => {
+            Some(start_api(&config, host.clone()).await?)
+        }
+        _ => None,
+    };
+    let mut artifacts =
+        ArtifactManager::new(&config.data_dir, trust, config.download_limit_bytes_per_sec);
+    if let Some(host) = host {
+        artifacts = artifacts.serving(host);
+    }
+    let artifacts = Arc::new(artifacts);
     let session = session::run(
         identity,
         SessionOptions {
@@ -143,11 +272,39 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     );
     tokio::select! {
         refused = session => Err(refused.into()),
+        stopped = async move {
+            match api {
+                Some(handle) => handle.await,
+                None => std::future::pending().await,
+            }
+        } => Err(anyhow::anyhow!("the local API stopped: {stopped:?}")),
         _ = shutdown_signal() => {
             tracing::info!("shutting down");
             Ok(())
         }
     }
+}
+
+/// Binds the local API and serves it in the background.
+async fn start_api(
+    config: &AgentConfig,
+    host: Arc<ModelHost>,
+) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let listener = tokio::net::TcpListener::bind(&config.api_listen)
+        .await
+        .with_context(|| format!("binding the local API to {}", config.api_listen))?;
+    let address = listener.local_addr()?;
+    local_api::write_bound_address(&config.data_dir, address)?;
+    tracing::info!(%address, key_required = config.api_key.is_some(), "local API listening");
+    let router = local_api::router(
+        host,
+        ApiOptions {
+            api_key: config.api_key.as_ref().map(|key| key.expose().to_owned()),
+            max_concurrent: config.api_max_concurrent,
+            queue_depth: config.api_queue_depth,
+        },
+    );
+    Ok(tokio::spawn(local_api::serve(listener, router)))
 }
 
 async fn shutdown_signal() {
@@ -193,6 +350,7 @@ fn main() {
                 println!("{facts:#?}");
                 Ok(())
             }
+            Command::Generate(args) => generate(args, &config),
         }
     });
     if let Err(error) = result {

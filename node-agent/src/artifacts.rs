@@ -269,7 +269,14 @@ impl ArtifactManager {
         let manifest = self.verify_signature(&assign.signed_manifest)?;
         let version_dir = self.slot_dir(&manifest.name).join(&manifest.version);
         let model = version_dir.join(MODEL_FILE);
-        let (bytes_fetched, check) = if model.exists() {
+        let already_served = self.host.as_ref().is_some_and(|host| {
+            host.served_version(&manifest.name).as_ref() == Some(&manifest.version)
+        });
+        let (bytes_fetched, check) = if already_served && model.exists() {
+            // Served from this file, which was checked when it was loaded; a re-sent
+            // assignment (every reconnect brings one) does not hash it again.
+            (0, Ok(()))
+        } else if model.exists() {
             // Left by an earlier run: everything is checked again from disk.
             let (manifest, model) = (manifest.clone(), model.clone());
             (0, blocking(move || check_model(&manifest, &model)).await?)
@@ -291,11 +298,7 @@ impl ArtifactManager {
                 store_only: true,
                 ..Default::default()
             },
-            Some(host)
-                if host.served_version(&manifest.name).as_ref() == Some(&manifest.version) =>
-            {
-                proven_health()
-            }
+            Some(_) if already_served => proven_health(),
             Some(host) => match self.prove(host, &manifest, &model).await {
                 Ok(served) => {
                     if let Some(served) = served {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use nanofleet_artifact::gguf::{GgufError, GgufHeader, Limits, ParseOutcome};
 use nanofleet_artifact::ids::Sha256Digest;
-use nanofleet_artifact::manifest::{ArtifactFormat, Manifest, ManifestError};
+use nanofleet_artifact::manifest::{ArtifactFormat, ArtifactKind, Manifest, ManifestError};
 use nanofleet_artifact::signing::{SignedManifest, SigningError};
 use nanofleet_artifact::trust::{self, PolicyError, TrustError, TrustPolicy};
 use serde::{Deserialize, Serialize};
@@ -51,6 +51,8 @@ pub enum ArtifactError {
     },
     #[error("the upload sent data before its signed manifest")]
     NoManifest,
+    #[error("the file is not a valid LoRA adapter: {0}")]
+    Adapter(String),
     #[error("no artifact {0}")]
     NotFound(String),
     #[error(
@@ -128,6 +130,32 @@ impl ArtifactStore {
         let signed = SignedManifest::from_json(signed_json)?;
         let verified = trust::verify(&signed, &self.trust_policy()?, now_unix_ms().max(0) as u64)?;
         let manifest = verified.manifest().clone();
+        match (manifest.kind, manifest.format) {
+            (ArtifactKind::Model, ArtifactFormat::Gguf) => {}
+            (ArtifactKind::LoraAdapter, ArtifactFormat::Safetensors) => {
+                if manifest.size > MAX_ADAPTER_BYTES {
+                    return Err(ArtifactError::Adapter(format!(
+                        "{} bytes; adapters may have at most {MAX_ADAPTER_BYTES}",
+                        manifest.size
+                    )));
+                }
+                let base = manifest.base_model.clone().unwrap_or_default();
+                if self
+                    .store
+                    .get(Keyspace::Artifacts, base.as_bytes())?
+                    .is_none()
+                {
+                    return Err(ArtifactError::Adapter(format!(
+                        "its base model {base} is not published here"
+                    )));
+                }
+            }
+            (kind, format) => {
+                return Err(ArtifactError::Adapter(format!(
+                    "a {kind:?} in {format:?} format: models are GGUF, LoRA adapters safetensors"
+                )))
+            }
+        }
         let subject = reference(&manifest);
         if self
             .store
@@ -174,6 +202,9 @@ impl ArtifactStore {
                 actual: whole,
                 actual_size: upload.received,
             }));
+        }
+        if manifest.kind == ArtifactKind::LoraAdapter {
+            check_adapter(&upload.staging, manifest)?;
         }
         // Every chunk verified: move them into place, durable before the record.
         for chunk in &manifest.chunks {
@@ -225,6 +256,24 @@ impl ArtifactStore {
     pub fn chunk_path(&self, sha256: &str) -> PathBuf {
         self.dir.join("chunks").join(sha256)
     }
+}
+
+/// Most bytes a LoRA adapter artifact may have (it is parsed whole).
+pub const MAX_ADAPTER_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Reads a staged adapter (bounded by [`MAX_ADAPTER_BYTES`]) and parses it: F32 LoRA
+/// matrices with PEFT names, finite values.
+fn check_adapter(staging: &Path, manifest: &Manifest) -> Result<(), ArtifactError> {
+    let mut bytes = Vec::with_capacity(manifest.size as usize);
+    for chunk in &manifest.chunks {
+        bytes.extend_from_slice(&std::fs::read(staging.join(chunk.index.to_string()))?);
+    }
+    let tensors = nanofleet_federated::AdapterTensors::from_safetensors(&bytes)
+        .map_err(|e| ArtifactError::Adapter(e.to_string()))?;
+    if tensors.is_empty() {
+        return Err(ArtifactError::Adapter("it holds no LoRA matrices".into()));
+    }
+    Ok(())
 }
 
 /// The chunk being received: written to `<staging>/<index>` while hashed.

@@ -6,10 +6,12 @@
 //! [`server`] wires them together with the HTTP side ([`http`]) and observability
 //! ([`telemetry`]). See ARCHITECTURE.md at the repository root for the whole map.
 
+pub mod adapters;
 pub mod api;
 pub mod artifacts;
 pub mod config;
 pub mod events;
+pub mod federations;
 pub mod http;
 pub mod identity;
 pub mod pki;

@@ -51,6 +51,9 @@ pub struct DeviceFacts {
     pub agent_version: String,
     pub hostname: String,
     pub labels: Labels,
+    /// Examples in the node's local training data; the data never leaves the device.
+    #[serde(default)]
+    pub training_examples: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,10 +13,11 @@ use tokio::sync::{watch, Notify};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
-use crate::api::{deliver, EnrollmentApi, NodeApi, OperatorApi};
+use crate::api::{deliver, dispatch_rounds, EnrollmentApi, NodeApi, OperatorApi};
 use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::config::CoordinatorConfig;
 use crate::events::EventLog;
+use crate::federations::{FederationError, Federations};
 use crate::pki::{Pki, PkiError};
 use crate::registry::Registry;
 use crate::rollouts::Rollouts;
@@ -38,6 +39,10 @@ pub enum ServerError {
     Telemetry(#[from] TelemetryError),
     #[error("cannot open the artifact store: {0}")]
     Artifacts(#[from] ArtifactError),
+    #[error("cannot open the federation store: {0}")]
+    Federations(#[from] FederationError),
+    #[error(transparent)]
+    AdapterKey(#[from] crate::adapters::AdapterError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -66,12 +71,10 @@ async fn shutdown_signal() {
     }
 }
 
-/// Moves running rollouts forward twice a second, and soon after a node's final
-/// report (`wake`), until shutdown.
-async fn rollout_engine(
-    rollouts: Rollouts,
-    artifacts: ArtifactStore,
-    sessions: Arc<SessionHub>,
+/// Runs `step` (blocking work: one step of an engine, delivering what it decided) twice
+/// a second and soon after `wake`, until shutdown.
+async fn run_engine(
+    step: impl Fn() + Clone + Send + 'static,
     wake: Arc<Notify>,
     stop: impl std::future::Future<Output = ()>,
 ) {
@@ -84,11 +87,8 @@ async fn rollout_engine(
             _ = ticker.tick() => {}
             _ = wake.notified() => {}
         }
-        let engine = rollouts.clone();
-        match tokio::task::spawn_blocking(move || engine.tick()).await {
-            Ok(Ok(assignments)) => deliver(&artifacts, &sessions, assignments),
-            Ok(Err(error)) => tracing::error!(%error, "rollout step failed"),
-            Err(error) => tracing::error!(%error, "rollout step panicked"),
+        if let Err(error) = tokio::task::spawn_blocking(step.clone()).await {
+            tracing::error!(%error, "engine step panicked");
         }
         // Reports come in bursts; a wake while stepping is kept for after this pause,
         // so a large fleet costs at most one step per pause, not one per report.
@@ -104,6 +104,13 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
     let registry = Registry::new(store.clone());
     let artifacts = ArtifactStore::open(store.clone(), &config.data_dir)?;
     let events = EventLog::open(store.clone())?;
+    let federations = Federations::open(
+        store.clone(),
+        registry.clone(),
+        artifacts.clone(),
+        events.clone(),
+        &config.data_dir,
+    )?;
     let rollouts = Rollouts::new(
         store.clone(),
         registry.clone(),
@@ -112,6 +119,7 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         Duration::from_secs(u64::from(config.rollout_wave_timeout_secs)),
         config.heartbeat_interval_secs,
     );
+    let adapter_key = Arc::new(crate::adapters::load_or_create_key(&config.data_dir)?);
     let sessions = Arc::new(SessionHub::default());
     let telemetry = Arc::new(Telemetry::new(
         registry.clone(),
@@ -158,6 +166,7 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
     let limit = config.max_message_bytes;
     let interval = config.heartbeat_interval_secs;
     let engine_wake = Arc::new(Notify::new());
+    let federation_wake = Arc::new(Notify::new());
     let enrollment = EnrollmentServer::new(EnrollmentApi {
         registry: registry.clone(),
         pki: pki.clone(),
@@ -175,6 +184,8 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         download_bytes_per_sec: config.download_bytes_per_sec,
         metrics: telemetry.metrics.clone(),
         rollout_engine: engine_wake.clone(),
+        federations: federations.clone(),
+        federation_engine: federation_wake.clone(),
     })
     .max_decoding_message_size(limit);
     let operator = OperatorServiceServer::new(OperatorApi {
@@ -184,6 +195,9 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         artifacts: artifacts.clone(),
         events,
         rollouts: rollouts.clone(),
+        federations: federations.clone(),
+        adapter_key,
+        federation_engine: federation_wake.clone(),
         heartbeat_interval_secs: interval,
         max_token_ttl_secs: config.max_token_ttl_secs,
     })
@@ -226,15 +240,27 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         );
     let http = crate::http::serve(http_listener, telemetry, stopped(stop_rx.clone()));
 
+    let rollout_step = {
+        let sessions = sessions_for_engine.clone();
+        move || match rollouts.tick() {
+            Ok(assignments) => deliver(&artifacts, &sessions, assignments),
+            Err(error) => tracing::error!(%error, "rollout step failed"),
+        }
+    };
     tokio::spawn(
-        rollout_engine(
-            rollouts,
-            artifacts,
-            sessions_for_engine,
-            engine_wake,
-            stopped(stop_rx),
-        )
-        .instrument(tracing::info_span!("rollout_engine")),
+        run_engine(rollout_step, engine_wake, stopped(stop_rx.clone()))
+            .instrument(tracing::info_span!("rollout_engine")),
+    );
+    let federation_step = move || {
+        let sessions = &sessions_for_engine;
+        match federations.tick(&|node| sessions.is_connected(node)) {
+            Ok(dispatches) => dispatch_rounds(sessions, dispatches),
+            Err(error) => tracing::error!(%error, "federation step failed"),
+        }
+    };
+    tokio::spawn(
+        run_engine(federation_step, federation_wake, stopped(stop_rx))
+            .instrument(tracing::info_span!("federation_engine")),
     );
     tokio::spawn(async move {
         shutdown_signal().await;

@@ -48,6 +48,14 @@ impl SessionHub {
         delivered
     }
 
+    /// Whether `node_id` has an open stream now.
+    pub fn is_connected(&self, node_id: &str) -> bool {
+        let streams = self.streams.lock().expect("session lock");
+        streams
+            .get(node_id)
+            .is_some_and(|senders| senders.iter().any(|s| !s.is_closed()))
+    }
+
     /// Number of nodes with at least one open stream.
     pub fn connected(&self) -> usize {
         let mut streams = self.streams.lock().expect("session lock");

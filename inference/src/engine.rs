@@ -40,6 +40,9 @@ pub struct EngineOptions {
 pub enum LoraSource {
     /// A PEFT output directory: `adapter_config.json` and `adapter_model.safetensors`.
     PeftDir(PathBuf),
+    /// One safetensors file of PEFT-named A/B tensors whose header metadata carries the
+    /// configuration (`lora_r`, `lora_alpha`): a nanofleet adapter artifact.
+    Safetensors(PathBuf),
     /// PEFT-named A/B tensors in HF layout, e.g. fresh from a training round.
     PeftTensors {
         config: LoraConfig,
@@ -281,6 +284,9 @@ impl Engine {
                 Some(match source {
                     LoraSource::PeftDir(dir) => {
                         LoraAdapter::load_peft_dir(dir, heads, kv_heads, &options.device)?
+                    }
+                    LoraSource::Safetensors(file) => {
+                        LoraAdapter::load_safetensors(file, heads, kv_heads, &options.device)?
                     }
                     LoraSource::PeftTensors { config, tensors } => {
                         LoraAdapter::from_peft_tensors(config, tensors, heads, kv_heads)?

@@ -26,6 +26,7 @@ mod metadata;
 pub mod model;
 mod output;
 mod sampling;
+mod text;
 pub mod tiny;
 mod tokenizer;
 
@@ -37,4 +38,5 @@ pub use engine::{
 pub use error::{InferenceError, Result};
 pub use model::Architecture;
 pub use sampling::{Sampler, SamplingParams};
+pub use text::ModelText;
 pub use tokenizer::{TokenType, Tokenizer};

@@ -134,6 +134,35 @@ impl LoraAdapter {
             .map_err(|e| adapter_err(&weights_path, e))
     }
 
+    /// Reads one safetensors file whose header metadata holds `lora_r` and `lora_alpha`
+    /// (and optionally `use_rslora`), as nanofleet's adapter artifacts do.
+    pub fn load_safetensors(
+        file: impl AsRef<Path>,
+        heads: usize,
+        kv_heads: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let file = file.as_ref();
+        let bytes = std::fs::read(file).map_err(|e| adapter_err(file, e))?;
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| adapter_err(file, e))?;
+        let metadata = header.metadata().clone().unwrap_or_default();
+        let number = |key: &str| -> Result<f64> {
+            metadata
+                .get(key)
+                .and_then(|v| v.parse::<f64>().ok())
+                .ok_or_else(|| adapter_err(file, format!("the header has no numeric {key}")))
+        };
+        let config = LoraConfig {
+            r: number("lora_r")? as usize,
+            lora_alpha: number("lora_alpha")?,
+            use_rslora: metadata.get("use_rslora").is_some_and(|v| v == "true"),
+        };
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| adapter_err(file, e))?;
+        Self::from_peft_tensors(config, tensors, heads, kv_heads).map_err(|e| adapter_err(file, e))
+    }
+
     /// Builds the adapter from PEFT-named tensors (HF layout).
     pub fn from_peft_tensors(
         config: LoraConfig,

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use nanofleet_artifact::gguf::{GgufHeader, Limits};
 use nanofleet_artifact::ids::Sha256Digest;
-use nanofleet_artifact::manifest::{ArtifactKind, Chunk, Manifest};
+use nanofleet_artifact::manifest::{ArtifactFormat, ArtifactKind, Chunk, Manifest};
 use nanofleet_artifact::signing::SignedManifest;
 use nanofleet_artifact::trust::{self, TrustPolicy};
 use nanofleet_proto::v1::{
@@ -39,6 +39,7 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
 use crate::models::{ModelHost, ServedModel};
+use nanofleet_inference::LoraSource;
 
 mod digests;
 
@@ -192,26 +193,44 @@ impl ArtifactManager {
         self.prove(host, manifest, &model).await
     }
 
-    /// Loads a model and runs the smoke prompt on a blocking thread.
+    /// Loads a model (or an adapter on its base model) and runs the smoke prompt on a
+    /// blocking thread.
     async fn prove(
         &self,
         host: &Arc<ModelHost>,
         manifest: &Manifest,
-        model: &Path,
+        file: &Path,
     ) -> Result<Option<ServedModel>, ApplyError> {
-        if manifest.kind != ArtifactKind::Model {
-            return Ok(None);
-        }
-        let (host, name, version, model) = (
+        let (model, lora) = match manifest.kind {
+            ArtifactKind::Model => (file.to_path_buf(), None),
+            ArtifactKind::LoraAdapter => {
+                let base = manifest.base_model.clone().unwrap_or_default();
+                let model = self.held_base(&base).ok_or_else(|| {
+                    ApplyError::Refused(format!(
+                        "its base model {base} is not on this device (roll it out first)"
+                    ))
+                })?;
+                (model, Some(LoraSource::Safetensors(file.to_path_buf())))
+            }
+        };
+        let (host, name, version) = (
             host.clone(),
             manifest.name.clone(),
             manifest.version.clone(),
-            model.to_path_buf(),
         );
-        blocking(move || host.prove(&name, &version, &model))
+        blocking(move || host.prove(&name, &version, &model, lora))
             .await?
             .map(Some)
             .map_err(|e| ApplyError::Refused(e.to_string()))
+    }
+
+    /// The file of the model `name@version` an adapter names, when the device holds that
+    /// version and its kept manifest still verifies against the trust policy.
+    fn held_base(&self, reference: &str) -> Option<PathBuf> {
+        let (name, version) = reference.split_once('@')?;
+        let signed = std::fs::read(self.slot_dir(name).join(version).join(MANIFEST_FILE)).ok()?;
+        let manifest = self.verify_signature(&signed).ok()?;
+        self.stored_model(name, version, &manifest.sha256.to_string())
     }
 
     fn slot_dir(&self, name: &str) -> PathBuf {
@@ -223,6 +242,18 @@ impl ArtifactManager {
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default()
+    }
+
+    /// The verified file of `name@version` when the device holds it (active or kept for
+    /// rollback) and its digest is `sha256`; what federated training runs on.
+    pub fn stored_model(&self, name: &str, version: &str, sha256: &str) -> Option<PathBuf> {
+        let state = self.state(name);
+        let held = [state.active.as_deref(), state.previous.as_deref()].contains(&Some(version));
+        let dir = self.slot_dir(name).join(version);
+        let signed = std::fs::read(dir.join(MANIFEST_FILE)).ok()?;
+        let manifest = SignedManifest::from_json(&signed).ok()?.manifest;
+        let file = dir.join(MODEL_FILE);
+        (held && manifest.sha256.to_string() == sha256 && file.is_file()).then_some(file)
     }
 
     fn write_state(&self, name: &str, state: &SlotState) -> std::io::Result<()> {
@@ -807,8 +838,34 @@ fn check_digest(manifest: &Manifest, digest: Sha256Digest) -> Result<(), String>
     Ok(())
 }
 
+/// Most bytes an adapter may have: it is parsed whole.
+const MAX_ADAPTER_BYTES: u64 = 256 * 1024 * 1024;
+
 fn check_header(manifest: &Manifest, mut file: File, size: u64) -> Result<(), String> {
     file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    match (manifest.kind, manifest.format) {
+        (ArtifactKind::Model, ArtifactFormat::Gguf) => {}
+        (ArtifactKind::LoraAdapter, ArtifactFormat::Safetensors) => {
+            if size > MAX_ADAPTER_BYTES {
+                return Err(format!(
+                    "an adapter of {size} bytes is larger than {MAX_ADAPTER_BYTES}"
+                ));
+            }
+            let mut bytes = Vec::with_capacity(size as usize);
+            file.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+            let tensors = nanofleet_federated::AdapterTensors::from_safetensors(&bytes)
+                .map_err(|e| format!("not a valid LoRA adapter: {e}"))?;
+            if tensors.is_empty() {
+                return Err("not a valid LoRA adapter: it holds no matrices".into());
+            }
+            return Ok(());
+        }
+        (kind, format) => {
+            return Err(format!(
+                "a {kind:?} in {format:?} format: models are GGUF, LoRA adapters safetensors"
+            ))
+        }
+    }
     let header = GgufHeader::read_from(std::io::BufReader::new(file), &Limits::default())
         .map_err(|e| format!("not a valid GGUF model: {e}"))?;
     header
@@ -828,7 +885,7 @@ fn check_header(manifest: &Manifest, mut file: File, size: u64) -> Result<(), St
 mod tests {
     use super::*;
     use nanofleet_artifact::gguf::{GgmlType, GgufWriter, MetadataValue};
-    use nanofleet_artifact::manifest::{ArtifactFormat, ArtifactKind, Chunker, Provenance};
+    use nanofleet_artifact::manifest::{Chunker, Provenance};
     use nanofleet_artifact::trust::{NamePattern, TrustedKey};
 
     fn model_bytes() -> Vec<u8> {

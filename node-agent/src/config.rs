@@ -54,6 +54,15 @@ pub struct AgentConfig {
     pub smoke_prompt: String,
     /// Tokens generated for the smoke prompt.
     pub smoke_max_tokens: usize,
+    /// Local training data for federated rounds: JSONL of {"prompt","response"} or
+    /// {"messages": [...]} lines. It never leaves the device; only clipped adapter deltas
+    /// and held-out metrics do. Unset: the node takes no part in training.
+    pub training_data: Option<PathBuf>,
+    /// Share of the examples kept out of training to evaluate adapters on (chosen by a
+    /// hash of each example, so the split is stable across runs).
+    pub holdout_fraction: f64,
+    /// Memory the trainer may use, MiB; a round whose estimate exceeds it is declined.
+    pub training_memory_budget_mib: Option<u64>,
 }
 
 impl Default for AgentConfig {
@@ -77,6 +86,9 @@ impl Default for AgentConfig {
             context_length: None,
             smoke_prompt: "Say hello.".to_owned(),
             smoke_max_tokens: 8,
+            training_data: None,
+            holdout_fraction: 0.2,
+            training_memory_budget_mib: None,
         }
     }
 }
@@ -103,6 +115,9 @@ impl AgentConfig {
                 "api_queue_depth",
                 "inference_threads",
                 "context_length",
+                "training_data",
+                "holdout_fraction",
+                "training_memory_budget_mib",
             ],
             flags,
         )

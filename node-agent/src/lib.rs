@@ -11,3 +11,4 @@ pub mod identity;
 pub mod local_api;
 pub mod models;
 pub mod session;
+pub mod training;

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nanofleet_inference::{
-    ChatMessage, Completion, Engine, EngineOptions, GenerateRequest, InferenceError,
+    ChatMessage, Completion, Engine, EngineOptions, GenerateRequest, InferenceError, LoraSource,
 };
 use serde::Serialize;
 
@@ -147,14 +147,22 @@ impl ModelHost {
         }
     }
 
-    /// Loads `file` and runs the smoke prompt on it. Blocking and CPU-heavy: call it from
-    /// a blocking thread. Nothing changes for the models being served.
-    pub fn prove(&self, name: &str, version: &str, file: &Path) -> Result<ServedModel, ProveError> {
+    /// Loads `file` (with `lora` applied, for an adapter served on its base model) and runs
+    /// the smoke prompt on it. Blocking and CPU-heavy: call it from a blocking thread.
+    /// Nothing changes for the models being served.
+    pub fn prove(
+        &self,
+        name: &str,
+        version: &str,
+        file: &Path,
+        lora: Option<LoraSource>,
+    ) -> Result<ServedModel, ProveError> {
         let engine = Engine::load(
             file,
             EngineOptions {
                 threads: self.options.threads,
                 context_length: self.options.context_length,
+                lora,
                 ..EngineOptions::default()
             },
         )
@@ -326,7 +334,7 @@ mod tests {
             let file = dir.path().join(format!("{version}.gguf"));
             write_tiny_model(&file, Architecture::Llama, TinyTokenizer::ByteLevel, seed).unwrap();
             let held = host.get("m");
-            host.activate(host.prove("m", version, &file).unwrap());
+            host.activate(host.prove("m", version, &file, None).unwrap());
             if let Some(held) = held {
                 assert_eq!(held.version, "1.0.0", "a held model stays what it was");
             }
@@ -343,12 +351,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("broken.gguf");
         write_broken_tiny_model(&file, Architecture::Llama, TinyTokenizer::ByteLevel, 1).unwrap();
-        let error = host().prove("m", "1", &file).unwrap_err();
+        let error = host().prove("m", "1", &file, None).unwrap_err();
         assert!(matches!(error, ProveError::Smoke(_)), "{error}");
         assert!(error.to_string().contains("weights are broken"), "{error}");
 
         std::fs::write(&file, b"GGUF but not really").unwrap();
-        let error = host().prove("m", "1", &file).unwrap_err();
+        let error = host().prove("m", "1", &file, None).unwrap_err();
         assert!(matches!(error, ProveError::Load(_)), "{error}");
     }
 

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
 use crate::artifacts::{ApplyError, ArtifactManager};
+use crate::training::{training_worker, TrainingContext, TrainingJob};
 use nanofleet_transport::error_chain;
 use tonic::Code;
 use tracing::Instrument;
@@ -46,6 +47,14 @@ pub struct SessionOptions {
     pub labels: BTreeMap<String, String>,
     pub reconnect_max: Duration,
     pub artifacts: Arc<ArtifactManager>,
+    /// Local training data and trainer settings; `None`: the node declines every round.
+    pub training: Option<Arc<TrainingContext>>,
+}
+
+/// Where the session hands its commands: artifact assignments and round work.
+struct Workers {
+    artifacts: mpsc::Sender<ArtifactJob>,
+    rounds: mpsc::Sender<TrainingJob>,
 }
 
 /// An assignment and the connection to fetch it over.
@@ -99,11 +108,37 @@ fn version_of(assign: &AssignArtifact) -> String {
 /// Runs until the device is refused; returns that refusal.
 pub async fn run(identity: Identity, options: SessionOptions) -> SessionError {
     let mut backoff = Backoff::new(Duration::from_millis(250), options.reconnect_max);
-    let (jobs, queue) = mpsc::channel(16);
+    let (artifact_jobs, queue) = mpsc::channel(16);
     tokio::spawn(
         artifact_worker(options.artifacts.clone(), queue)
             .instrument(tracing::info_span!("artifacts", node = %identity.node_id)),
     );
+    let (round_jobs, mut round_queue) = mpsc::channel::<TrainingJob>(4);
+    match options.training.clone() {
+        Some(training) => {
+            tokio::spawn(
+                training_worker(training, round_queue)
+                    .instrument(tracing::info_span!("training", node = %identity.node_id)),
+            );
+        }
+        // Without local data every round is declined at once, so it need not wait for us.
+        None => {
+            tokio::spawn(async move {
+                while let Some((round, mut client)) = round_queue.recv().await {
+                    let update = nanofleet_proto::v1::RoundUpdate {
+                        round_id: round.round_id,
+                        declined_reason: "this node has no training_data configured".into(),
+                        ..Default::default()
+                    };
+                    let _ = client.submit_update(update).await;
+                }
+            });
+        }
+    }
+    let jobs = Workers {
+        artifacts: artifact_jobs,
+        rounds: round_jobs,
+    };
     let mut sequence = 0u64;
     loop {
         let span = tracing::info_span!("session", node = %identity.node_id);
@@ -125,7 +160,7 @@ pub async fn run(identity: Identity, options: SessionOptions) -> SessionError {
 async fn connect_once(
     identity: &Identity,
     options: &SessionOptions,
-    jobs: &mpsc::Sender<ArtifactJob>,
+    jobs: &Workers,
     sequence: &mut u64,
     backoff: &mut Backoff,
 ) -> SessionError {
@@ -162,8 +197,13 @@ async fn connect_once(
         tokio::select! {
             _ = ticker.tick() => {
                 *sequence += 1;
+                let mut facts = crate::facts::collect(&options.labels);
+                facts.training_examples = options
+                    .training
+                    .as_ref()
+                    .map_or(0, |t| t.data.len() as u64);
                 let request = HeartbeatRequest {
-                    facts: Some(crate::facts::collect(&options.labels)),
+                    facts: Some(facts),
                     sequence: *sequence,
                 };
                 match client.heartbeat(request).await {
@@ -181,8 +221,14 @@ async fn connect_once(
             message = stream.message() => match message {
                 Ok(Some(Command { body: Some(command::Body::Assign(assign)) })) => {
                     tracing::info!(name = %assign.name, rollout = %assign.rollout_id, "assignment received");
-                    if jobs.send((assign, client.clone())).await.is_err() {
+                    if jobs.artifacts.send((assign, client.clone())).await.is_err() {
                         return SessionError::Transient("artifact worker stopped".into());
+                    }
+                }
+                Ok(Some(Command { body: Some(command::Body::Train(round)) })) => {
+                    tracing::info!(federation = %round.federation, round = round.round, "round work received");
+                    if jobs.rounds.try_send((round, client.clone())).is_err() {
+                        tracing::warn!("the trainer is busy with earlier rounds; this one comes again on reconnect");
                     }
                 }
                 Ok(Some(command)) => tracing::debug!(?command, "command received"),

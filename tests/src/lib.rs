@@ -323,6 +323,25 @@ impl Agent {
         }
     }
 
+    /// SIGSTOP: the process hangs with its connections open, as a wedged device would.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Agent::pause`].
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: sending a signal to a child we own; no memory is touched.
+            unsafe {
+                libc::kill(child.id() as i32, signal);
+            }
+        }
+    }
+
     /// The node id, once enrollment has written the identity.
     pub fn node_id(&self) -> Option<String> {
         let text = std::fs::read_to_string(self.dir.join("identity.json")).ok()?;

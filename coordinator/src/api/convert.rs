@@ -4,8 +4,12 @@ use nanofleet_proto::v1 as pb;
 
 use crate::artifacts::ArtifactRecord;
 use crate::events::Event;
+use crate::federations::{
+    Dispatch, FederationRecord, FederationState, MetricSums, RoundRecord, RoundState, Submission,
+};
 use crate::registry::{Accelerator, DeviceFacts, NodeRecord, NodeStatus, PowerSource};
 use crate::rollouts::{NodeVerdict, Rollout, RolloutError, RolloutState, Rollouts};
+use nanofleet_federated::{AdapterSpec, AggregationMode, SpecError, Target, TrainingPlan};
 
 pub fn facts_from_proto(facts: Option<pb::DeviceFacts>) -> DeviceFacts {
     let Some(f) = facts else {
@@ -38,6 +42,7 @@ pub fn facts_from_proto(facts: Option<pb::DeviceFacts>) -> DeviceFacts {
         agent_version: f.agent_version,
         hostname: f.hostname,
         labels: f.labels.into_iter().collect(),
+        training_examples: f.training_examples,
     }
 }
 
@@ -68,6 +73,7 @@ pub fn facts_to_proto(f: &DeviceFacts) -> pb::DeviceFacts {
         agent_version: f.agent_version.clone(),
         hostname: f.hostname.clone(),
         labels: f.labels.clone().into_iter().collect(),
+        training_examples: f.training_examples,
     }
 }
 
@@ -205,6 +211,168 @@ pub fn event_to_proto(event: &Event) -> pb::Event {
     }
 }
 
+pub fn adapter_spec_from_proto(spec: Option<pb::AdapterSpec>) -> Result<AdapterSpec, SpecError> {
+    let spec = spec.unwrap_or_default();
+    let mode = match pb::AggregationMode::try_from(spec.mode) {
+        Ok(pb::AggregationMode::Exact) => AggregationMode::Exact,
+        // FedAvg unless exact is asked for, as in Flower.
+        _ => AggregationMode::FedAvg,
+    };
+    Ok(AdapterSpec {
+        rank: spec.rank,
+        alpha: spec.alpha,
+        dropout: spec.dropout,
+        targets: spec
+            .targets
+            .iter()
+            .map(|t| Target::parse(t))
+            .collect::<Result<_, _>>()?,
+        mode,
+        init_seed: spec.init_seed,
+    })
+}
+
+pub fn adapter_spec_to_proto(spec: &AdapterSpec) -> pb::AdapterSpec {
+    pb::AdapterSpec {
+        rank: spec.rank,
+        alpha: spec.alpha,
+        dropout: spec.dropout,
+        targets: spec
+            .targets
+            .iter()
+            .map(|t| t.short_name().to_owned())
+            .collect(),
+        mode: match spec.mode {
+            AggregationMode::FedAvg => pb::AggregationMode::Fedavg,
+            AggregationMode::Exact => pb::AggregationMode::Exact,
+        } as i32,
+        init_seed: spec.init_seed,
+    }
+}
+
+pub fn plan_from_proto(plan: Option<pb::TrainingPlan>) -> TrainingPlan {
+    let plan = plan.unwrap_or_default();
+    TrainingPlan {
+        steps: plan.steps,
+        learning_rate: plan.learning_rate,
+        batch_size: plan.batch_size,
+        max_seq_len: plan.max_seq_len,
+        clip_norm: plan.clip_norm,
+    }
+}
+
+pub fn plan_to_proto(plan: &TrainingPlan) -> pb::TrainingPlan {
+    pb::TrainingPlan {
+        steps: plan.steps,
+        learning_rate: plan.learning_rate,
+        batch_size: plan.batch_size,
+        max_seq_len: plan.max_seq_len,
+        clip_norm: plan.clip_norm,
+    }
+}
+
+fn metrics_to_proto(sums: &MetricSums) -> pb::EvalMetrics {
+    let (loss, exact_match) = sums.means();
+    pb::EvalMetrics {
+        examples: sums.examples,
+        loss,
+        exact_match,
+    }
+}
+
+fn round_to_proto(round: &RoundRecord) -> pb::Round {
+    pb::Round {
+        evaluation: round.evaluation,
+        number: round.number,
+        round_id: round.id.clone(),
+        state: match round.state {
+            RoundState::Collecting => pb::RoundState::Collecting,
+            RoundState::Aggregated => pb::RoundState::Aggregated,
+            RoundState::Evaluated => pb::RoundState::Evaluated,
+            RoundState::Failed => pb::RoundState::Failed,
+        } as i32,
+        selected: round.selected.len() as u32,
+        reported: round.reported.len() as u32,
+        contributors: round.contributors.len() as u32,
+        declined: round.declined,
+        examples: round.examples,
+        started_unix_ms: round.started_ms,
+        deadline_unix_ms: round.deadline_ms,
+        finished_unix_ms: round.finished_ms,
+        reason: round.reason.clone(),
+        eval: Some(metrics_to_proto(&round.eval)),
+        train_loss_first: round.train_first.means().0,
+        train_loss_last: round.train_last.means().0,
+    }
+}
+
+pub fn federation_to_proto(fed: &FederationRecord) -> pb::Federation {
+    pb::Federation {
+        name: fed.name.clone(),
+        base_name: fed.base_name.clone(),
+        base_version: fed.base_version.clone(),
+        adapter: Some(adapter_spec_to_proto(&fed.adapter)),
+        selection: Some(pb::SelectionPolicy {
+            min_clients: fed.selection.min_clients,
+            max_clients: fed.selection.max_clients,
+            min_free_memory_bytes: fed.selection.min_free_memory_bytes,
+            min_battery_percent: fed.selection.min_battery_percent,
+        }),
+        plan: Some(plan_to_proto(&fed.plan)),
+        rounds: fed.rounds,
+        round_timeout_secs: fed.round_timeout_secs,
+        max_failed_rounds: fed.max_failed_rounds,
+        state: match fed.state {
+            FederationState::Idle => pb::FederationState::Idle,
+            FederationState::Running => pb::FederationState::Running,
+            FederationState::Finished => pb::FederationState::Finished,
+            FederationState::Failed => pb::FederationState::Failed,
+        } as i32,
+        history: fed.history.iter().map(round_to_proto).collect(),
+        global_round: fed.global_round,
+        reason: fed.reason.clone(),
+    }
+}
+
+/// The `TrainRound` command for one node's share of a round.
+pub fn dispatch_to_command(d: &Dispatch) -> pb::Command {
+    pb::Command {
+        body: Some(pb::command::Body::Train(pb::TrainRound {
+            round_id: d.round_id.clone(),
+            federation: d.federation.clone(),
+            round: d.round,
+            base_name: d.base_name.clone(),
+            base_version: d.base_version.clone(),
+            base_sha256: d.base_sha256.clone(),
+            adapter: Some(adapter_spec_to_proto(&d.adapter)),
+            global_adapter: d.global_adapter.as_ref().clone(),
+            plan: Some(plan_to_proto(&d.plan)),
+            deadline_unix_ms: d.deadline_ms,
+        })),
+    }
+}
+
+/// A node's answer to a round, checked for sizes; the update bytes are checked later.
+pub fn submission_from_proto(u: pb::RoundUpdate) -> Submission {
+    let eval = u.eval.unwrap_or_default();
+    Submission {
+        round_id: u.round_id,
+        delta: u.delta,
+        layout: u
+            .layout
+            .into_iter()
+            .map(|m| (m.name, (m.rows as usize, m.cols as usize)))
+            .collect(),
+        examples: u.examples,
+        declined_reason: u.declined_reason,
+        eval_examples: eval.examples,
+        eval_loss: eval.loss,
+        eval_exact_match: eval.exact_match,
+        train_loss_first: u.train_loss_first,
+        train_loss_last: u.train_loss_last,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +397,7 @@ mod tests {
             agent_version: "0.1.0".into(),
             hostname: "dev-1".into(),
             labels: [("site".to_owned(), "a".to_owned())].into(),
+            training_examples: 120,
         };
         assert_eq!(facts_from_proto(Some(facts_to_proto(&facts))), facts);
     }

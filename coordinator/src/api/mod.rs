@@ -73,6 +73,54 @@ pub fn status_of_rollout(error: crate::rollouts::RolloutError) -> Status {
     }
 }
 
+/// Maps a federation error to the status an operator or node sees.
+pub fn status_of_federation(error: crate::federations::FederationError) -> Status {
+    use crate::federations::FederationError as E;
+    match error {
+        E::BadName(_) | E::Spec(_) | E::BadSchedule(_) | E::BadUpdate(_) | E::TooLarge(_) => {
+            Status::invalid_argument(error.to_string())
+        }
+        E::Exists(_) | E::AlreadyReported(_) => Status::already_exists(error.to_string()),
+        E::NotFound(_) | E::UnknownRound(_) | E::NoAdapter { .. } => {
+            Status::not_found(error.to_string())
+        }
+        E::WrongState { .. } | E::RoundClosed(_) => Status::failed_precondition(error.to_string()),
+        E::NotSelected(_) => Status::permission_denied(error.to_string()),
+        E::Artifact(e) => status_of_artifact(&e),
+        E::Registry(e) => status_of(e),
+        E::Store(e) => status_of(e.into()),
+        E::Io(_) => {
+            tracing::error!(%error, "federation storage error");
+            Status::internal("the coordinator failed to store round data; see its log")
+        }
+    }
+}
+
+/// Maps an adapter publishing error to the status an operator sees.
+pub fn status_of_adapter(error: crate::adapters::AdapterError) -> Status {
+    use crate::adapters::AdapterError as E;
+    match error {
+        E::Federation(e) => status_of_federation(e),
+        E::Artifact(e) => status_of_artifact(&e),
+        E::Manifest(_) => Status::invalid_argument(error.to_string()),
+        E::NotAggregated { .. } | E::Gate(_) => Status::failed_precondition(error.to_string()),
+        E::Key { .. } => {
+            tracing::error!(%error, "adapter key error");
+            Status::internal("the coordinator cannot use its adapter signing key; see its log")
+        }
+    }
+}
+
+/// Sends each node its share of a round (a node that dropped gets it when it reconnects).
+pub fn dispatch_rounds(
+    sessions: &crate::sessions::SessionHub,
+    dispatches: Vec<crate::federations::Dispatch>,
+) {
+    for d in dispatches {
+        sessions.send(&d.node_id, convert::dispatch_to_command(&d));
+    }
+}
+
 /// Maps an artifact error to the status a publisher sees.
 pub fn status_of_artifact(error: &crate::artifacts::ArtifactError) -> Status {
     use crate::artifacts::ArtifactError as E;
@@ -84,6 +132,7 @@ pub fn status_of_artifact(error: &crate::artifacts::ArtifactError) -> Status {
         | E::Mismatch(_)
         | E::Gguf(_)
         | E::GgufDisagrees { .. }
+        | E::Adapter(_)
         | E::NoManifest => Status::invalid_argument(message),
         E::Untrusted(_) => Status::permission_denied(message),
         E::AlreadyPublished(_) => Status::already_exists(message),

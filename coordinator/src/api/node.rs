@@ -9,17 +9,19 @@ use std::sync::Arc;
 use futures::Stream;
 use nanofleet_proto::v1::{
     command, node_service_server::NodeService, ArtifactReportAck, ArtifactState, AssignArtifact,
-    ChunkData, Command, FetchChunksRequest, HeartbeatRequest, HeartbeatResponse, SubscribeRequest,
-    Welcome,
+    ChunkData, Command, FetchChunksRequest, HeartbeatRequest, HeartbeatResponse, RoundUpdate,
+    RoundUpdateAck, SubscribeRequest, Welcome,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::{authorized_node, convert::facts_from_proto, status_of, status_of_artifact};
+use super::convert::{dispatch_to_command, facts_from_proto, submission_from_proto};
+use super::{authorized_node, status_of, status_of_artifact, status_of_federation};
 use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::events::EventLog;
+use crate::federations::Federations;
 use crate::registry::Registry;
 use crate::rollouts::{ArtifactReport, Desired, Rollouts};
 use crate::sessions::SessionHub;
@@ -38,6 +40,9 @@ pub struct NodeApi {
     /// Wakes the rollout engine: a node's final report may decide its wave now rather
     /// than at the engine's next tick.
     pub rollout_engine: Arc<Notify>,
+    pub federations: Federations,
+    /// Wakes the federation engine: the last update of a round closes it now.
+    pub federation_engine: Arc<Notify>,
 }
 
 type CommandStream = Pin<Box<dyn Stream<Item = Result<Command, Status>> + Send>>;
@@ -263,6 +268,19 @@ impl NodeService for NodeApi {
                 .await
                 .map_err(|_| Status::internal("command stream closed"))?;
         }
+        // Round work the node still owes, e.g. after a drop in the middle of a round.
+        let federations = self.federations.clone();
+        let node_id = node.id.clone();
+        let pending = blocking(move || federations.pending_for(&node_id))
+            .await
+            .map_err(|_| Status::internal("the coordinator failed to read round state"))?
+            .map_err(status_of_federation)?;
+        for dispatch in &pending {
+            sender
+                .send(Ok(dispatch_to_command(dispatch)))
+                .await
+                .map_err(|_| Status::internal("command stream closed"))?;
+        }
         self.sessions.register(&node.id, sender);
         tracing::info!(node = %node.id, "command stream opened");
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
@@ -384,5 +402,28 @@ impl NodeService for NodeApi {
                 .map_err(|e| status_of(e.into()))?;
         }
         Ok(Response::new(ArtifactReportAck {}))
+    }
+
+    async fn submit_update(
+        &self,
+        request: Request<RoundUpdate>,
+    ) -> Result<Response<RoundUpdateAck>, Status> {
+        let node = authorized_node(&self.registry, &request)?;
+        let update = request.into_inner();
+        if update.round_id.len() > 64 || update.declined_reason.len() > MAX_REPORT_TEXT {
+            return Err(Status::invalid_argument("update fields are too long"));
+        }
+        let submission = submission_from_proto(update);
+        let federations = self.federations.clone();
+        let node_id = node.id.clone();
+        blocking(move || federations.submit(&node_id, submission))
+            .await
+            .map_err(|_| Status::internal("the coordinator failed to store the update"))?
+            .map_err(|e| {
+                tracing::warn!(node = %node.id, error = %e, "round update refused");
+                status_of_federation(e)
+            })?;
+        self.federation_engine.notify_one();
+        Ok(Response::new(RoundUpdateAck {}))
     }
 }

@@ -3,21 +3,27 @@
 use std::sync::Arc;
 
 use nanofleet_proto::v1::{
-    operator_service_server::OperatorService, publish_artifact_request::Part, Artifact,
-    CreateRolloutRequest, CreateTokenRequest, CreateTokenResponse, GetArtifactRequest,
+    operator_service_server::OperatorService, publish_artifact_request::Part, AdapterBlob,
+    Artifact, CreateFederationRequest, CreateRolloutRequest, CreateTokenRequest,
+    CreateTokenResponse, Federation, FederationRef, GetAdapterRequest, GetArtifactRequest,
     GetNodeRequest, ListArtifactsRequest, ListArtifactsResponse, ListEventsRequest,
-    ListEventsResponse, ListNodesRequest, ListNodesResponse, ListRolloutsRequest,
-    ListRolloutsResponse, Node, PinArtifactRequest, PinArtifactResponse, PublishArtifactRequest,
-    RevokeNodeRequest, Rollout, RolloutRef, UnpinArtifactRequest,
+    ListEventsResponse, ListFederationsRequest, ListFederationsResponse, ListNodesRequest,
+    ListNodesResponse, ListRolloutsRequest, ListRolloutsResponse, Node, PinArtifactRequest,
+    PinArtifactResponse, PublishAdapterRequest, PublishArtifactRequest, RevokeNodeRequest, Rollout,
+    RolloutRef, UnpinArtifactRequest,
 };
 use tonic::{Request, Response, Status, Streaming};
 
-use super::convert::rollout_to_proto;
+use super::convert::{
+    adapter_spec_from_proto, federation_to_proto, plan_from_proto, rollout_to_proto,
+};
 use super::convert::{artifact_to_proto, event_to_proto, node_to_proto};
 use super::{authorized_operator, status_of, status_of_artifact};
-use super::{deliver, status_of_rollout};
+use super::{deliver, status_of_adapter, status_of_federation, status_of_rollout};
+use crate::adapters::{self, AdapterRelease};
 use crate::artifacts::{ArtifactError, ArtifactRecord, ArtifactStore};
 use crate::events::EventLog;
+use crate::federations::{Federations, NewFederation, Selection};
 use crate::now_unix_ms;
 use crate::pki::Pki;
 use crate::registry::Registry;
@@ -31,6 +37,11 @@ pub struct OperatorApi {
     pub artifacts: ArtifactStore,
     pub events: EventLog,
     pub rollouts: Rollouts,
+    pub federations: Federations,
+    /// Signs the federations' adapters that operators publish.
+    pub adapter_key: Arc<ed25519_dalek::SigningKey>,
+    /// Wakes the federation engine so a started federation opens its round at once.
+    pub federation_engine: std::sync::Arc<tokio::sync::Notify>,
     pub heartbeat_interval_secs: u32,
     pub max_token_ttl_secs: u64,
 }
@@ -338,5 +349,136 @@ impl OperatorService for OperatorApi {
         })
         .map_err(status_of_rollout)?;
         Ok(Response::new(self.delivered(assignments)))
+    }
+
+    async fn create_federation(
+        &self,
+        request: Request<CreateFederationRequest>,
+    ) -> Result<Response<Federation>, Status> {
+        let operator = authorized_operator(&request)?;
+        let r = request.into_inner();
+        let selection = r.selection.unwrap_or_default();
+        let new = NewFederation {
+            name: r.name,
+            base_name: r.base_name,
+            base_version: r.base_version,
+            adapter: adapter_spec_from_proto(r.adapter)
+                .map_err(|e| status_of_federation(e.into()))?,
+            selection: Selection {
+                min_clients: selection.min_clients,
+                max_clients: selection.max_clients,
+                min_free_memory_bytes: selection.min_free_memory_bytes,
+                min_battery_percent: selection.min_battery_percent,
+            },
+            plan: plan_from_proto(r.plan),
+            rounds: r.rounds,
+            round_timeout_secs: r.round_timeout_secs,
+            max_failed_rounds: r.max_failed_rounds,
+        };
+        let fed = tokio::task::block_in_place(|| self.federations.create(new, &operator))
+            .map_err(status_of_federation)?;
+        tracing::info!(%operator, federation = %fed.name, "federation created");
+        Ok(Response::new(federation_to_proto(&fed)))
+    }
+
+    async fn list_federations(
+        &self,
+        request: Request<ListFederationsRequest>,
+    ) -> Result<Response<ListFederationsResponse>, Status> {
+        authorized_operator(&request)?;
+        let feds = tokio::task::block_in_place(|| self.federations.list())
+            .map_err(status_of_federation)?;
+        Ok(Response::new(ListFederationsResponse {
+            federations: feds.iter().map(federation_to_proto).collect(),
+        }))
+    }
+
+    async fn get_federation(
+        &self,
+        request: Request<FederationRef>,
+    ) -> Result<Response<Federation>, Status> {
+        authorized_operator(&request)?;
+        let fed = tokio::task::block_in_place(|| self.federations.get(&request.get_ref().name))
+            .map_err(status_of_federation)?;
+        Ok(Response::new(federation_to_proto(&fed)))
+    }
+
+    async fn start_round(
+        &self,
+        request: Request<FederationRef>,
+    ) -> Result<Response<Federation>, Status> {
+        let operator = authorized_operator(&request)?;
+        let fed = tokio::task::block_in_place(|| {
+            self.federations.start(&request.get_ref().name, &operator)
+        })
+        .map_err(status_of_federation)?;
+        self.federation_engine.notify_one();
+        Ok(Response::new(federation_to_proto(&fed)))
+    }
+
+    async fn get_adapter(
+        &self,
+        request: Request<GetAdapterRequest>,
+    ) -> Result<Response<AdapterBlob>, Status> {
+        authorized_operator(&request)?;
+        let r = request.into_inner();
+        let (fed, (round, bytes)) = tokio::task::block_in_place(|| {
+            let fed = self.federations.get(&r.federation)?;
+            let adapter = self.federations.adapter(&r.federation, r.round)?;
+            Ok((fed, adapter))
+        })
+        .map_err(status_of_federation)?;
+        Ok(Response::new(AdapterBlob {
+            round,
+            safetensors: bytes,
+            peft_config_json: fed.adapter.peft_config(&fed.base_name).to_string(),
+        }))
+    }
+
+    async fn publish_adapter(
+        &self,
+        request: Request<PublishAdapterRequest>,
+    ) -> Result<Response<Artifact>, Status> {
+        let operator = authorized_operator(&request)?;
+        let r = request.into_inner();
+        let release = AdapterRelease {
+            federation: r.federation,
+            round: r.round,
+            name: r.name,
+            version: r.version,
+            license: if r.license.is_empty() {
+                "apache-2.0".to_owned()
+            } else {
+                r.license
+            },
+            max_eval_loss: r.max_eval_loss,
+            min_exact_match: r.min_exact_match,
+        };
+        let subject = format!("{}@{}", release.name, release.version);
+        let result = tokio::task::block_in_place(|| {
+            adapters::publish(
+                &self.federations,
+                &self.artifacts,
+                &self.events,
+                &self.adapter_key,
+                &release,
+                &operator,
+            )
+        });
+        match result {
+            Ok(record) => {
+                tracing::info!(%operator, adapter = %subject, "adapter published");
+                Ok(Response::new(artifact_to_proto(&record)))
+            }
+            Err(error) => {
+                let _ = self.events.append(
+                    &format!("operator:{operator}"),
+                    "adapter.refused",
+                    &subject,
+                    &error.to_string(),
+                );
+                Err(status_of_adapter(error))
+            }
+        }
     }
 }

@@ -25,6 +25,8 @@ pub enum Keyspace {
     Desired,
     /// `<node id>/<artifact name>` → the node's last report about it.
     NodeArtifacts,
+    /// Federation name → federation record with its round history.
+    Federations,
 }
 
 impl Keyspace {
@@ -37,6 +39,7 @@ impl Keyspace {
             Keyspace::Rollouts => "rollouts",
             Keyspace::Desired => "desired",
             Keyspace::NodeArtifacts => "node_artifacts",
+            Keyspace::Federations => "federations",
         }
     }
 }

@@ -14,6 +14,7 @@ use nanofleet_agent::identity::Identity;
 use nanofleet_agent::local_api::{self, ApiOptions};
 use nanofleet_agent::models::{HostOptions, ModelHost};
 use nanofleet_agent::session::{self, SessionOptions};
+use nanofleet_agent::training::{LocalData, TrainingContext};
 use nanofleet_artifact::trust::TrustPolicy;
 use serde::Serialize;
 
@@ -75,6 +76,9 @@ struct Flags {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     context_length: Option<usize>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    training_data: Option<PathBuf>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -262,12 +266,31 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
         artifacts = artifacts.serving(host);
     }
     let artifacts = Arc::new(artifacts);
+    let training = match &config.training_data {
+        Some(path) => {
+            let data = LocalData::load(path, config.holdout_fraction)
+                .with_context(|| format!("reading training data {}", path.display()))?;
+            tracing::info!(
+                train = data.train.len(),
+                held_out = data.held_out.len(),
+                "local training data loaded"
+            );
+            Some(Arc::new(TrainingContext {
+                data,
+                artifacts: artifacts.clone(),
+                memory_budget_bytes: config.training_memory_budget_mib.map(|m| m * 1024 * 1024),
+                dir: config.data_dir.join("training"),
+            }))
+        }
+        None => None,
+    };
     let session = session::run(
         identity,
         SessionOptions {
             labels: config.labels.clone(),
             reconnect_max: Duration::from_millis(config.reconnect_max_ms),
             artifacts,
+            training,
         },
     );
     tokio::select! {

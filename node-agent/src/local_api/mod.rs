@@ -484,7 +484,7 @@ mod tests {
             smoke_prompt: "Say hello.".into(),
             smoke_max_tokens: 2,
         }));
-        host.activate(host.prove("tiny", "1.0.0", &file).unwrap());
+        host.activate(host.prove("tiny", "1.0.0", &file, None).unwrap());
         let router = router(
             host,
             ApiOptions {

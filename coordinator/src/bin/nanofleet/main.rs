@@ -1,6 +1,8 @@
 //! `nanofleet`: the operator CLI. Talks to the coordinator's operator API with an
 //! operator client certificate; human tables by default, `--json` for scripts.
 
+mod federation;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -80,6 +82,21 @@ enum Command {
     Rollout {
         #[command(subcommand)]
         command: RolloutCommand,
+    },
+    /// Federated LoRA training: define federations.
+    Federation {
+        #[command(subcommand)]
+        command: federation::FederationCommand,
+    },
+    /// Run a federation's rounds and watch them.
+    Round {
+        #[command(subcommand)]
+        command: federation::RoundCommand,
+    },
+    /// Global adapters of federations.
+    Adapter {
+        #[command(subcommand)]
+        command: federation::AdapterCommand,
     },
     /// Recorded facts (publishes, refusals), oldest first.
     Events {
@@ -509,6 +526,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token { command } => token(&cli, command).await?,
         Command::Events { action } => events(&cli, action).await?,
         Command::Rollout { command } => rollout(&cli, command).await?,
+        Command::Federation { command } => federation::federation(&cli, command).await?,
+        Command::Round { command } => federation::round(&cli, command).await?,
+        Command::Adapter { command } => federation::adapter(&cli, command).await?,
     }
     Ok(())
 }

@@ -1,0 +1,210 @@
+//! Aggregation of one round's updates into the next global adapter. The aggregator takes
+//! each node's (example count, delta) and keeps only the weighted sum, in f64, so the
+//! coordinator's memory does not grow with the number of nodes; secure aggregation replaces
+//! `add` by one masked sum of the same weighted vectors.
+
+use crate::spec::AggregationMode;
+use crate::tensors::{AdapterTensors, Half, TensorError};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AggregateError {
+    #[error("the update does not fit the global adapter: {0}")]
+    Layout(#[from] TensorError),
+    #[error("an update must count at least one training example")]
+    NoExamples,
+    #[error("no update reached the aggregator")]
+    Empty,
+}
+
+/// The update layout a round expects, and the running weighted sum.
+#[derive(Debug)]
+pub struct Aggregator {
+    expected: AdapterTensors,
+    sum: Vec<f64>,
+    weight: f64,
+    contributors: usize,
+}
+
+impl Aggregator {
+    /// Expects updates shaped like `global`: every matrix in FedAvg, the B halves only in
+    /// exact mode (A is frozen there, so a node that sends an A delta is refused).
+    pub fn new(mode: AggregationMode, global: &AdapterTensors) -> Self {
+        let mut expected = global.clone();
+        if mode == AggregationMode::Exact {
+            expected.retain(|half| half == Half::B);
+        }
+        let sum = vec![0.0; expected.element_count()];
+        Self {
+            expected,
+            sum,
+            weight: 0.0,
+            contributors: 0,
+        }
+    }
+
+    /// The names and shapes an update must have.
+    pub fn expected_layout(&self) -> &AdapterTensors {
+        &self.expected
+    }
+
+    /// Adds one node's delta, weighted by its example count.
+    pub fn add(&mut self, examples: u64, delta: &AdapterTensors) -> Result<(), AggregateError> {
+        if examples == 0 {
+            return Err(AggregateError::NoExamples);
+        }
+        delta.check_same_layout(&self.expected)?;
+        let w = examples as f64;
+        for (acc, v) in self.sum.iter_mut().zip(delta.flatten()) {
+            *acc += w * f64::from(v);
+        }
+        self.weight += w;
+        self.contributors += 1;
+        Ok(())
+    }
+
+    pub fn contributors(&self) -> usize {
+        self.contributors
+    }
+
+    /// Total examples behind the aggregate.
+    pub fn examples(&self) -> u64 {
+        self.weight as u64
+    }
+
+    /// The weighted mean delta (shaped like the expected update).
+    pub fn mean_delta(&self) -> Result<AdapterTensors, AggregateError> {
+        if self.contributors == 0 {
+            return Err(AggregateError::Empty);
+        }
+        let mean: Vec<f32> = self.sum.iter().map(|s| (s / self.weight) as f32).collect();
+        let mut delta = self.expected.clone();
+        delta.unflatten_from(&mean)?;
+        Ok(delta)
+    }
+
+    /// `global` plus the weighted mean delta: the next global adapter.
+    pub fn finish(&self, global: &AdapterTensors) -> Result<AdapterTensors, AggregateError> {
+        let delta = self.mean_delta()?;
+        let mut next = global.clone();
+        for (name, d) in &delta.matrices {
+            let m = next
+                .matrices
+                .get_mut(name)
+                .ok_or_else(|| TensorError::Missing(name.clone()))?;
+            for (w, dv) in m.data.iter_mut().zip(&d.data) {
+                *w += dv;
+            }
+        }
+        Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::initial_adapter;
+    use crate::spec::Target;
+    use crate::tensors::{peft_name, Matrix};
+    use proptest::prelude::*;
+
+    fn global() -> AdapterTensors {
+        initial_adapter(
+            &[
+                (peft_name(0, Target::Q, Half::A), (2, 6)),
+                (peft_name(0, Target::Q, Half::B), (6, 2)),
+            ],
+            9,
+        )
+        .unwrap()
+    }
+
+    fn b_delta(values: &[f32]) -> AdapterTensors {
+        let mut d = AdapterTensors::default();
+        d.insert(
+            peft_name(0, Target::Q, Half::B),
+            Matrix {
+                rows: 6,
+                cols: 2,
+                data: values.to_vec(),
+            },
+        )
+        .unwrap();
+        d
+    }
+
+    /// (out, in) product scale·B·A of one layer.
+    fn product(b: &Matrix, a: &Matrix) -> Vec<f64> {
+        let mut out = vec![0.0; b.rows * a.cols];
+        for i in 0..b.rows {
+            for j in 0..a.cols {
+                for k in 0..b.cols {
+                    out[i * a.cols + j] +=
+                        f64::from(b.data[i * b.cols + k]) * f64::from(a.data[k * a.cols + j]);
+                }
+            }
+        }
+        out
+    }
+
+    proptest! {
+        /// FFA-LoRA: with A shared and frozen, the aggregate's low-rank product is the
+        /// weighted mean of the nodes' products, to float tolerance.
+        #[test]
+        fn exact_mode_average_of_updates_is_update_of_average(
+            updates in prop::collection::vec((1u64..50, prop::collection::vec(-1f32..1.0, 12)), 1..6)
+        ) {
+            let g = global();
+            let mut agg = Aggregator::new(AggregationMode::Exact, &g);
+            for (n, values) in &updates {
+                agg.add(*n, &b_delta(values)).unwrap();
+            }
+            let next = agg.finish(&g).unwrap();
+            let a = &g.matrices[&peft_name(0, Target::Q, Half::A)];
+            let b_name = peft_name(0, Target::Q, Half::B);
+            let got = product(&next.matrices[&b_name], a);
+            let total: u64 = updates.iter().map(|(n, _)| n).sum();
+            let mut want = vec![0.0; got.len()];
+            for (n, values) in &updates {
+                let b_i = Matrix { rows: 6, cols: 2, data: values.clone() };
+                for (w, p) in want.iter_mut().zip(product(&b_i, a)) {
+                    *w += *n as f64 / total as f64 * p;
+                }
+            }
+            for (g, w) in got.iter().zip(&want) {
+                prop_assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+            }
+            // A did not move.
+            prop_assert_eq!(&next.matrices[&peft_name(0, Target::Q, Half::A)], a);
+        }
+    }
+
+    #[test]
+    fn fedavg_weights_by_examples() {
+        let g = global();
+        let mut agg = Aggregator::new(AggregationMode::FedAvg, &g);
+        let mut one = g.clone();
+        one.unflatten_from(&vec![1.0; g.element_count()]).unwrap();
+        let mut three = g.clone();
+        three.unflatten_from(&vec![3.0; g.element_count()]).unwrap();
+        agg.add(3, &one).unwrap();
+        agg.add(1, &three).unwrap();
+        let mean = agg.mean_delta().unwrap();
+        assert!(mean.flatten().iter().all(|v| (*v - 1.5).abs() < 1e-6));
+        assert_eq!(agg.contributors(), 2);
+        assert_eq!(agg.examples(), 4);
+    }
+
+    #[test]
+    fn wrong_updates_are_refused_and_leave_the_sum_alone() {
+        let g = global();
+        let mut agg = Aggregator::new(AggregationMode::Exact, &g);
+        // An A delta in exact mode.
+        assert!(matches!(agg.add(1, &g), Err(AggregateError::Layout(_))));
+        assert_eq!(
+            agg.add(0, &b_delta(&[0.0; 12])),
+            Err(AggregateError::NoExamples)
+        );
+        assert_eq!(agg.contributors(), 0);
+        assert_eq!(agg.mean_delta(), Err(AggregateError::Empty));
+    }
+}

@@ -1,0 +1,533 @@
+//! End to end: federated LoRA rounds. A tiny random llama is published and rolled out as
+//! the base model; agents, each with its own local JSONL, train adapters on top of it;
+//! the coordinator aggregates only their clipped deltas.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nanofleet_e2e::fleet::{agent_trust_policy, create_rollout, publish, trusted_key, wait_state};
+use nanofleet_e2e::{http, ok, path, tiny_gguf, wait_until, Agent, Coordinator};
+use nanofleet_federated::tensors::{parse_peft_name, Half};
+use nanofleet_federated::AdapterTensors;
+use serde_json::Value;
+
+/// The answer every site's data teaches, which the random base model does not give.
+const ANSWER: &str = "valve open";
+
+/// A site's local examples: prompts carry a marker unique to the site, so that any leak
+/// of training text to the coordinator can be found.
+fn write_site_data(dir: &Path, site: usize, count: usize) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let file = dir.join(format!("site-{site}.jsonl"));
+    let lines: Vec<String> = (0..count)
+        .map(|k| {
+            serde_json::json!({
+                "prompt": format!("site-{site}-secret-record {k}: state of line {}?", k % 7),
+                "response": ANSWER,
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    file
+}
+
+struct Fleet {
+    root: tempfile::TempDir,
+    coordinator: Coordinator,
+    agents: Vec<Agent>,
+    data: Vec<PathBuf>,
+}
+
+/// A coordinator, `sizes.len()` agents with that many local examples each, and the tiny
+/// base model rolled out to all of them.
+fn fleet(sizes: &[usize]) -> Fleet {
+    let root = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(root.path());
+    let (key, public) = trusted_key(&coordinator, root.path(), "publisher", "tiny-*");
+    let trust = agent_trust_policy(root.path(), &public, "tiny-*");
+    // Agents also trust the coordinator's adapter key for the federation's adapters.
+    let adapter_key = coordinator.dir.join("adapter-signing.pub");
+    ok(&coordinator.admin(&[
+        "trust",
+        "add-key",
+        "--key",
+        &path(&adapter_key),
+        "--names",
+        "valves-*",
+    ]));
+    let agent_trust_dir = trust.parent().unwrap();
+    ok(
+        &std::process::Command::new(nanofleet_e2e::bin("nanofleet-coordinator"))
+            .args([
+                "--data-dir",
+                &path(agent_trust_dir),
+                "trust",
+                "add-key",
+                "--key",
+                &path(&adapter_key),
+                "--names",
+                "valves-*",
+            ])
+            .output()
+            .unwrap(),
+    );
+    let model = root.path().join("tiny.gguf");
+    std::fs::write(&model, tiny_gguf(3)).unwrap();
+    publish(&coordinator, &model, "tiny-llama", "1.0.0", &key, "65536");
+    let mut agents = Vec::new();
+    let mut data = Vec::new();
+    for (site, &count) in sizes.iter().enumerate() {
+        let file = write_site_data(&root.path().join("site-data"), site, count);
+        let token = coordinator.create_token("10m", "site=plant-3");
+        agents.push(Agent::start_with(
+            root.path(),
+            &format!("agent-{site}"),
+            &coordinator,
+            &token,
+            &[
+                "--trust-policy",
+                &path(&trust),
+                "--training-data",
+                &path(&file),
+            ],
+        ));
+        data.push(file);
+    }
+    for agent in &agents {
+        agent.wait_enrolled();
+    }
+    let id = create_rollout(&coordinator, "tiny-llama@1.0.0", "100%");
+    wait_state(&coordinator, &id, "completed", Duration::from_secs(60));
+    Fleet {
+        root,
+        coordinator,
+        agents,
+        data,
+    }
+}
+
+struct Schedule<'a> {
+    mode: &'a str,
+    clients: usize,
+    min: usize,
+    rounds: u32,
+    timeout: &'a str,
+}
+
+fn create_federation(coordinator: &Coordinator, name: &str, s: Schedule) {
+    ok(&coordinator.cli(&[
+        "federation",
+        "create",
+        name,
+        "--base",
+        "tiny-llama@1.0.0",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--targets",
+        "q,v,o,up,down",
+        "--mode",
+        s.mode,
+        "--seed",
+        "7",
+        "--min-clients",
+        &s.min.to_string(),
+        "--max-clients",
+        &s.clients.to_string(),
+        "--steps",
+        "12",
+        "--learning-rate",
+        "0.02",
+        "--batch-size",
+        "4",
+        "--max-seq-len",
+        "96",
+        "--clip-norm",
+        "100",
+        "--rounds",
+        &s.rounds.to_string(),
+        "--round-timeout",
+        s.timeout,
+    ]));
+}
+
+fn federation(coordinator: &Coordinator, name: &str) -> Value {
+    coordinator.cli_json(&["round", "status", name])
+}
+
+fn wait_federation(coordinator: &Coordinator, name: &str, state: &str, timeout: Duration) -> Value {
+    let mut last = Value::Null;
+    let reached = wait_until(timeout, || {
+        last = federation(coordinator, name);
+        last["state"] == state || last["state"] == "failed"
+    });
+    assert!(
+        reached && last["state"] == state,
+        "federation never became {state}: {last:#}"
+    );
+    last
+}
+
+fn export(coordinator: &Coordinator, adapter: &str, dir: &Path) -> AdapterTensors {
+    ok(&coordinator.cli(&["adapter", "export", adapter, "--format", "peft", &path(dir)]));
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 4);
+    AdapterTensors::from_safetensors(&std::fs::read(dir.join("adapter_model.safetensors")).unwrap())
+        .unwrap()
+}
+
+/// (out, in) product B·A for every adapted layer of `b_source`, with A from `a_source`.
+fn products(b_source: &AdapterTensors, a_source: &AdapterTensors) -> Vec<Vec<f64>> {
+    let mut out = Vec::new();
+    for (name, b) in &b_source.matrices {
+        let Some((_, _, Half::B)) = parse_peft_name(name) else {
+            continue;
+        };
+        let a = &a_source.matrices[&name.replace("lora_B", "lora_A")];
+        let mut p = vec![0.0; b.rows * a.cols];
+        for i in 0..b.rows {
+            for k in 0..b.cols {
+                let bik = f64::from(b.data[i * b.cols + k]);
+                for j in 0..a.cols {
+                    p[i * a.cols + j] += bik * f64::from(a.data[k * a.cols + j]);
+                }
+            }
+        }
+        out.push(p);
+    }
+    out
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn three_agents_three_exact_rounds_loss_falls_and_the_aggregate_is_the_average() {
+    let fleet = fleet(&[40, 48, 56]);
+    let c = &fleet.coordinator;
+    create_federation(
+        c,
+        "valves",
+        Schedule {
+            mode: "exact",
+            clients: 3,
+            min: 3,
+            rounds: 3,
+            timeout: "300s",
+        },
+    );
+    ok(&c.cli(&["round", "start", "valves"]));
+    let done = wait_federation(c, "valves", "finished", Duration::from_secs(600));
+    let history = done["history"].as_array().unwrap();
+    assert_eq!(
+        history.len(),
+        4,
+        "3 training rounds and 1 evaluation: {done:#}"
+    );
+    for round in &history[..3] {
+        assert_eq!(round["state"], "aggregated", "{done:#}");
+        assert_eq!(round["contributors"], 3, "{done:#}");
+    }
+    assert_eq!(history[3]["state"], "evaluated");
+    assert_eq!(history[3]["evaluation"], true);
+    // Held-out loss of the global adapter entering each round: the base (B = 0), then
+    // after rounds 1, 2 and 3.
+    let losses: Vec<f64> = history
+        .iter()
+        .map(|r| r["eval"]["loss"].as_f64().unwrap())
+        .collect();
+    for pair in losses.windows(2) {
+        assert!(
+            pair[1] < pair[0],
+            "held-out loss must fall every round: {losses:?}"
+        );
+    }
+    eprintln!("held-out loss by round: {losses:?}");
+
+    // Exact mode: the aggregate of round 2 is the example-weighted average of the nodes'
+    // updates, also as low-rank products (A is frozen and shared).
+    let dir = fleet.root.path().join("export");
+    let before = export(c, "valves@1", &dir.join("1"));
+    let after = export(c, "valves@2", &dir.join("2"));
+    let aggregate = after.minus(&before).unwrap();
+    let mut weighted: Option<Vec<Vec<f64>>> = None;
+    let mut total = 0.0;
+    for (agent, data) in fleet.agents.iter().zip(&fleet.data) {
+        let examples =
+            nanofleet_train::split_holdout(nanofleet_train::load_jsonl(data).unwrap(), 0.2)
+                .0
+                .len() as f64;
+        let update = AdapterTensors::from_safetensors(
+            &std::fs::read(agent.dir.join("training/valves-round-2.safetensors")).unwrap(),
+        )
+        .unwrap();
+        assert!(
+            update.matrices.keys().all(|n| n.contains("lora_B")),
+            "exact mode sends B only"
+        );
+        let p = products(&update, &before);
+        let acc = weighted.get_or_insert_with(|| p.iter().map(|m| vec![0.0; m.len()]).collect());
+        for (acc_m, m) in acc.iter_mut().zip(&p) {
+            for (a, v) in acc_m.iter_mut().zip(m) {
+                *a += examples * v;
+            }
+        }
+        total += examples;
+    }
+    let expected = weighted.unwrap();
+    let got = products(&aggregate, &before);
+    let mut worst = 0.0f64;
+    for (g, e) in got.iter().zip(&expected) {
+        for (gv, ev) in g.iter().zip(e) {
+            worst = worst.max((gv - ev / total).abs());
+        }
+    }
+    assert!(
+        worst < 1e-5,
+        "aggregate differs from the average of updates by {worst}"
+    );
+    // A never moved.
+    for (name, m) in &after.matrices {
+        if name.contains("lora_A") {
+            assert_eq!(m, &before.matrices[name]);
+        }
+    }
+
+    // The final adapter becomes an artifact signed by the coordinator, gated on the nodes'
+    // evaluation, and serves through the agents' local API.
+    let final_loss = losses[3];
+    let refused = c.cli(&[
+        "adapter",
+        "publish",
+        "valves",
+        "--name",
+        "valves-adapter",
+        "--version",
+        "1.0.0",
+        "--max-eval-loss",
+        &format!("{}", final_loss / 2.0),
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("promotion gate"),
+        "{refused:?}"
+    );
+    let published = c.cli_json(&[
+        "adapter",
+        "publish",
+        "valves",
+        "--name",
+        "valves-adapter",
+        "--version",
+        "1.0.0",
+        "--max-eval-loss",
+        &format!("{}", final_loss + 0.01),
+    ]);
+    eprintln!("published adapter: {published:#}");
+    let id = create_rollout(c, "valves-adapter@1.0.0", "100%");
+    wait_state(c, &id, "completed", Duration::from_secs(60));
+    let exact = history[3]["eval"]["exact_match"].as_f64().unwrap();
+    let prompt = |model: &str| {
+        let body = serde_json::json!({
+            "model": model,
+            "messages": [{"role": "user", "content": "site-0-secret-record 3: state of line 3?"}],
+            "max_tokens": 32,
+            "temperature": 0,
+        });
+        let response = http(
+            &fleet.agents[0].api_address(),
+            "POST",
+            "/v1/chat/completions",
+            &body.to_string(),
+        );
+        assert_eq!(response.status, 200, "{}", response.body);
+        response.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (base_answer, adapted_answer) = (prompt("tiny-llama"), prompt("valves-adapter"));
+    eprintln!(
+        "exact match {exact}; base answers {base_answer:?}, adapter answers {adapted_answer:?}"
+    );
+    assert_ne!(base_answer, adapted_answer);
+    if exact == 1.0 {
+        // Every node's held-out answers were exact: the served adapter answers the same.
+        assert_eq!(adapted_answer, ANSWER);
+    }
+
+    // No training text reached the coordinator: not in its database, adapter files or logs.
+    let mut markers: Vec<String> = (0..3).map(|s| format!("site-{s}-secret-record")).collect();
+    markers.push(ANSWER.to_owned());
+    for file in files_under(&c.dir) {
+        let bytes = std::fs::read(&file).unwrap();
+        for marker in &markers {
+            assert!(
+                !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+                "{marker:?} found in {}",
+                file.display()
+            );
+        }
+    }
+}
+
+/// Waits until the federation's newest round satisfies `check`.
+fn wait_round(
+    coordinator: &Coordinator,
+    name: &str,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    let mut last = Value::Null;
+    let reached = wait_until(Duration::from_secs(120), || {
+        last = federation(coordinator, name);
+        last["history"]
+            .as_array()
+            .and_then(|h| h.last())
+            .is_some_and(&check)
+    });
+    assert!(reached, "{what}: {last:#}");
+    last
+}
+
+fn wait_online(coordinator: &Coordinator, count: usize) {
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            coordinator
+                .nodes()
+                .iter()
+                .filter(|n| n["online"] == true)
+                .count()
+                == count
+        }),
+        "{count} nodes never came online"
+    );
+}
+
+#[test]
+fn agents_killed_mid_round_and_a_coordinator_restart_leave_rounds_correct() {
+    let mut fleet = fleet(&[24, 24, 24, 24]);
+    let root = fleet.root.path().to_path_buf();
+
+    // 1. A selected node dies mid-round; the minimum (3) allows: the round completes
+    //    with the other three at its deadline.
+    fleet.agents[0].pause();
+    create_federation(
+        &fleet.coordinator,
+        "min3",
+        Schedule {
+            mode: "fedavg",
+            clients: 4,
+            min: 3,
+            rounds: 1,
+            timeout: "15s",
+        },
+    );
+    ok(&fleet.coordinator.cli(&["round", "start", "min3"]));
+    wait_round(&fleet.coordinator, "min3", "three of four report", |r| {
+        r["selected"] == 4 && r["reported"] == 3
+    });
+    fleet.agents[0].kill9();
+    let done = wait_federation(
+        &fleet.coordinator,
+        "min3",
+        "finished",
+        Duration::from_secs(120),
+    );
+    let first = &done["history"][0];
+    assert_eq!(first["state"], "aggregated", "{done:#}");
+    assert_eq!(first["contributors"], 3);
+    assert_eq!(first["selected"], 4);
+
+    // 2. With a minimum of 4 the same loss fails the round cleanly, and the next round
+    //    runs once the node is back.
+    fleet.agents[0].restart();
+    wait_online(&fleet.coordinator, 4);
+    fleet.agents[0].pause();
+    create_federation(
+        &fleet.coordinator,
+        "min4",
+        Schedule {
+            mode: "fedavg",
+            clients: 4,
+            min: 4,
+            rounds: 1,
+            timeout: "15s",
+        },
+    );
+    ok(&fleet.coordinator.cli(&["round", "start", "min4"]));
+    wait_round(&fleet.coordinator, "min4", "three of four report", |r| {
+        r["selected"] == 4 && r["reported"] == 3
+    });
+    fleet.agents[0].kill9();
+    let failed = wait_round(&fleet.coordinator, "min4", "round 1 fails", |r| {
+        r["state"] == "failed"
+    });
+    let reason = failed["history"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("the minimum is 4"), "{reason}");
+    fleet.agents[0].restart();
+    let done = wait_federation(
+        &fleet.coordinator,
+        "min4",
+        "finished",
+        Duration::from_secs(120),
+    );
+    let history = done["history"].as_array().unwrap();
+    assert_eq!(history[1]["state"], "aggregated", "{done:#}");
+    assert_eq!(history[1]["contributors"], 4);
+    assert_eq!(done["global_round"], 2);
+
+    // 3. The coordinator dies while a round collects; after its restart the round carries
+    //    on with the updates it had, and the late node's update completes it.
+    wait_online(&fleet.coordinator, 4);
+    fleet.agents[3].pause();
+    create_federation(
+        &fleet.coordinator,
+        "restart",
+        Schedule {
+            mode: "exact",
+            clients: 4,
+            min: 4,
+            rounds: 1,
+            timeout: "120s",
+        },
+    );
+    ok(&fleet.coordinator.cli(&["round", "start", "restart"]));
+    wait_round(&fleet.coordinator, "restart", "three of four report", |r| {
+        r["selected"] == 4 && r["reported"] == 3
+    });
+    fleet.coordinator.kill9();
+    fleet.coordinator.restart();
+    let after = federation(&fleet.coordinator, "restart");
+    assert_eq!(after["history"][0]["state"], "collecting", "{after:#}");
+    assert_eq!(after["history"][0]["reported"], 3);
+    fleet.agents[3].resume();
+    let done = wait_federation(
+        &fleet.coordinator,
+        "restart",
+        "finished",
+        Duration::from_secs(180),
+    );
+    assert_eq!(done["history"][0]["state"], "aggregated", "{done:#}");
+    assert_eq!(done["history"][0]["contributors"], 4);
+    drop(root);
+}

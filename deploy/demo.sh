@@ -4,6 +4,9 @@
 # (SmolLM2-135M-Instruct, Q4_1 GGUF), sign it with a publisher key, publish it, roll it
 # out to the agents in two health-gated waves (each agent loads it and answers a smoke
 # prompt before it serves), and ask it a question through an agent's local OpenAI API.
+# Then a federated LoRA round: each agent trains on its own local examples (they never
+# leave it), the coordinator aggregates the clipped deltas, signs the adapter with its
+# adapter key and rolls it out, and agent-0 answers with the adapter applied.
 # Leaves everything running until Ctrl-C (set NANOFLEET_DEMO_EXIT=1 to stop at the end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,16 +52,30 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 
+step "the coordinator's adapter key (made at its first start) trusted for plant-codes-* adapters"
+$bin/nanofleet-coordinator --data-dir "$work/coordinator" trust add-key \
+  --key "$work/coordinator/adapter-signing.pub" --names 'plant-codes-*'
+
 export NANOFLEET_CLI_CONFIG="$work/coordinator/operator/cli.toml"
 sites=(plant-1 plant-2 clinic-7)
 for i in 0 1 2; do
+  # Each site's own examples: plant codes are "ZX-" and the unit number, a made-up
+  # format the base model does not know. They stay on the agent.
+  python3 - "$work/site-$i.jsonl" "$i" <<'PY'
+import json, sys
+path, site = sys.argv[1], int(sys.argv[2])
+with open(path, "w") as f:
+    for k in range(20):
+        unit = 100 + site * 300 + k * 7
+        f.write(json.dumps({"prompt": f"What is the plant code of unit {unit}?", "response": f"ZX-{unit}"}) + "\n")
+PY
   step "agent-$i: one-time token for site=${sites[$i]}, then enroll and run"
   token=$($bin/nanofleet token create --ttl 10m --labels "site=${sites[$i]}" --json \
     | python3 -c 'import json, sys; print(json.load(sys.stdin)["token"])')
   $bin/nanofleet-agent --data-dir "$work/agent-$i" --coordinator "https://127.0.0.1:$grpc_port" \
     --ca-cert "$work/coordinator/ca.crt" --token "$token" --label "hw=demo-$i" \
     --trust-policy "$work/coordinator/trust.json" --api-listen "127.0.0.1:$((api_port + i))" \
-    --inference-threads 1 run 2>"$work/agent-$i.log" &
+    --inference-threads 1 --training-data "$work/site-$i.jsonl" run 2>"$work/agent-$i.log" &
   pids+=($!)
 done
 
@@ -91,12 +108,41 @@ curl -sf "http://127.0.0.1:$api_port/v1/chat/completions" -H 'Content-Type: appl
   -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 48, "temperature": 0}' \
   | python3 -c 'import json, sys; r = json.load(sys.stdin); print("answer:", r["choices"][0]["message"]["content"]); print("usage:", r["usage"], "served by version", r["system_fingerprint"])'
 
+step "federated LoRA: one round on all 3 agents (rank 8 on q,v; plain FedAvg; secure aggregation comes with issue 6)"
+$bin/nanofleet federation create plant-codes --base smollm2-135m-instruct@1.0.0 --rank 8 --alpha 16 \
+  --targets q,v --mode fedavg --seed 11 --min-clients 3 --max-clients 3 --steps 6 --batch-size 2 \
+  --max-seq-len 96 --learning-rate 0.003 --clip-norm 100 --rounds 1 --round-timeout 20m
+$bin/nanofleet round start plant-codes
+for _ in $(seq 1200); do
+  state=$($bin/nanofleet round status plant-codes --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["state"])')
+  case "$state" in finished|failed) break ;; esac
+  sleep 1
+done
+$bin/nanofleet round status plant-codes
+[ "$state" = finished ] || { echo "the federation did not finish: $state" >&2; exit 1; }
+
+step "the round's adapter, signed by the coordinator's adapter key, rolled out and served by agent-0"
+$bin/nanofleet adapter publish plant-codes --name plant-codes-adapter --version 1.0.0
+rollout=$($bin/nanofleet rollout create --artifact plant-codes-adapter@1.0.0 --waves 100% --require-smoke --json \
+  | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
+for _ in $(seq 300); do
+  state=$($bin/nanofleet rollout status "$rollout" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["state"])')
+  case "$state" in completed|halted|aborted) break ;; esac
+  sleep 0.2
+done
+$bin/nanofleet rollout status "$rollout"
+$bin/nanofleet adapter export plant-codes --format peft "$work/plant-codes-peft"
+curl -sf "http://127.0.0.1:$api_port/v1/chat/completions" -H 'Content-Type: application/json' \
+  -d '{"model": "plant-codes-adapter", "messages": [{"role": "user", "content": "What is the plant code of unit 142?"}], "max_tokens": 16, "temperature": 0}' \
+  | python3 -c 'import json, sys; r = json.load(sys.stdin); print("with the adapter:", r["choices"][0]["message"]["content"])'
+
 step "fleet metrics (Prometheus text at http://127.0.0.1:$http_port/metrics)"
 curl -s "http://127.0.0.1:$http_port/metrics" | grep '^nanofleet_'
 
 cat <<TXT
 
-nanofleet is running: a coordinator and 3 agents with smollm2-135m-instruct@1.0.0 active, state in $work
+nanofleet is running: a coordinator and 3 agents serving smollm2-135m-instruct@1.0.0 and
+plant-codes-adapter@1.0.0 (the federation's adapter), state in $work
   operator CLI:  export NANOFLEET_CLI_CONFIG=$NANOFLEET_CLI_CONFIG
                  $bin/nanofleet nodes list
   local API:     http://127.0.0.1:$api_port/v1 (agents 1 and 2: ports $((api_port + 1)), $((api_port + 2)))

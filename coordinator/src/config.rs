@@ -23,6 +23,10 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval_secs: u32,
     /// Largest gRPC request the coordinator decodes; larger ones get OUT_OF_RANGE.
     pub max_message_bytes: usize,
+    /// Largest round update (an adapter delta) or secure-aggregation message an enrolled
+    /// node may send. The node service decodes up to this; its other calls keep their own
+    /// field limits.
+    pub max_update_bytes: usize,
     /// Upper bound for the lifetime of a bootstrap token.
     pub max_token_ttl_secs: u64,
     /// Download rate limit per agent stream, bytes per second; 0 = none.
@@ -41,6 +45,7 @@ impl Default for CoordinatorConfig {
             http_listen: "127.0.0.1:7480".parse().expect("valid default address"),
             heartbeat_interval_secs: 10,
             max_message_bytes: 1024 * 1024,
+            max_update_bytes: 64 * 1024 * 1024,
             max_token_ttl_secs: 7 * 24 * 3600,
             download_bytes_per_sec: 0,
             rollout_wave_timeout_secs: 600,
@@ -63,6 +68,7 @@ impl CoordinatorConfig {
                 "http_listen",
                 "heartbeat_interval_secs",
                 "max_message_bytes",
+                "max_update_bytes",
                 "max_token_ttl_secs",
                 "download_bytes_per_sec",
                 "rollout_wave_timeout_secs",

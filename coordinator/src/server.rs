@@ -110,6 +110,7 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         artifacts.clone(),
         events.clone(),
         &config.data_dir,
+        config.max_update_bytes,
     )?;
     let rollouts = Rollouts::new(
         store.clone(),
@@ -187,7 +188,7 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         federations: federations.clone(),
         federation_engine: federation_wake.clone(),
     })
-    .max_decoding_message_size(limit);
+    .max_decoding_message_size(limit.max(config.max_update_bytes));
     let operator = OperatorServiceServer::new(OperatorApi {
         registry,
         pki: pki.clone(),

@@ -29,10 +29,7 @@ impl Aggregator {
     /// Expects updates shaped like `global`: every matrix in FedAvg, the B halves only in
     /// exact mode (A is frozen there, so a node that sends an A delta is refused).
     pub fn new(mode: AggregationMode, global: &AdapterTensors) -> Self {
-        let mut expected = global.clone();
-        if mode == AggregationMode::Exact {
-            expected.retain(|half| half == Half::B);
-        }
+        let expected = update_layout(mode, global);
         let sum = vec![0.0; expected.element_count()];
         Self {
             expected,
@@ -66,6 +63,14 @@ impl Aggregator {
         self.contributors
     }
 
+    /// Adds `noise()` to every coordinate of the weighted sum (central differential
+    /// privacy; the caller scales it to the sum's sensitivity).
+    pub fn add_noise(&mut self, mut noise: impl FnMut() -> f64) {
+        for value in &mut self.sum {
+            *value += noise();
+        }
+    }
+
     /// Total examples behind the aggregate.
     pub fn examples(&self) -> u64 {
         self.weight as u64
@@ -84,19 +89,62 @@ impl Aggregator {
 
     /// `global` plus the weighted mean delta: the next global adapter.
     pub fn finish(&self, global: &AdapterTensors) -> Result<AdapterTensors, AggregateError> {
-        let delta = self.mean_delta()?;
-        let mut next = global.clone();
-        for (name, d) in &delta.matrices {
-            let m = next
-                .matrices
-                .get_mut(name)
-                .ok_or_else(|| TensorError::Missing(name.clone()))?;
-            for (w, dv) in m.data.iter_mut().zip(&d.data) {
-                *w += dv;
-            }
-        }
-        Ok(next)
+        apply_delta(global, &self.mean_delta()?)
     }
+}
+
+/// `global` plus `delta`, matrix by matrix (`delta` may hold a subset, e.g. B only).
+pub fn apply_delta(
+    global: &AdapterTensors,
+    delta: &AdapterTensors,
+) -> Result<AdapterTensors, AggregateError> {
+    delta.check_subset_of(global)?;
+    let mut next = global.clone();
+    for (name, d) in &delta.matrices {
+        let m = next
+            .matrices
+            .get_mut(name)
+            .ok_or_else(|| TensorError::Missing(name.clone()))?;
+        for (w, dv) in m.data.iter_mut().zip(&d.data) {
+            *w += dv;
+        }
+    }
+    Ok(next)
+}
+
+/// The layout of one node's update to `global`: every matrix in FedAvg, the B halves in
+/// exact mode.
+pub fn update_layout(mode: AggregationMode, global: &AdapterTensors) -> AdapterTensors {
+    let mut expected = global.clone();
+    if mode == AggregationMode::Exact {
+        expected.retain(|half| half == Half::B);
+    }
+    expected
+}
+
+/// The vector a node puts into secure aggregation: its delta scaled by its weight, then
+/// the weight itself, so that the sum yields both the weighted sum and the total weight
+/// and no node's example count is seen alone. `weight` is the node's examples over a
+/// public cap, in (0, 1].
+pub fn weighted_vector(delta: &AdapterTensors, weight: f32) -> Vec<f32> {
+    let mut v: Vec<f32> = delta.flatten().iter().map(|x| x * weight).collect();
+    v.push(weight);
+    v
+}
+
+/// The mean delta from the sum of [`weighted_vector`]s, shaped like `layout`.
+pub fn mean_from_weighted_sum(
+    layout: &AdapterTensors,
+    sum: &[f32],
+) -> Result<AdapterTensors, AggregateError> {
+    let (total, values) = match sum.split_last() {
+        Some((total, values)) if *total > 0.0 => (*total, values),
+        _ => return Err(AggregateError::Empty),
+    };
+    let mut mean = layout.clone();
+    let scaled: Vec<f32> = values.iter().map(|v| v / total).collect();
+    mean.unflatten_from(&scaled)?;
+    Ok(mean)
 }
 
 #[cfg(test)]
@@ -192,6 +240,27 @@ mod tests {
         assert!(mean.flatten().iter().all(|v| (*v - 1.5).abs() < 1e-6));
         assert_eq!(agg.contributors(), 2);
         assert_eq!(agg.examples(), 4);
+    }
+
+    #[test]
+    fn weighted_vectors_sum_to_the_weighted_mean() {
+        let g = global();
+        let layout = update_layout(AggregationMode::Exact, &g);
+        let (a, b) = (b_delta(&[1.0; 12]), b_delta(&[4.0; 12]));
+        let (va, vb) = (weighted_vector(&a, 0.5), weighted_vector(&b, 0.25));
+        let sum: Vec<f32> = va.iter().zip(&vb).map(|(x, y)| x + y).collect();
+        let mean = mean_from_weighted_sum(&layout, &sum).unwrap();
+        // (0.5·1 + 0.25·4) / 0.75 = 2
+        assert!(mean.flatten().iter().all(|v| (*v - 2.0).abs() < 1e-6));
+        assert_eq!(
+            mean_from_weighted_sum(&layout, &[0.0; 13]),
+            Err(AggregateError::Empty)
+        );
+        let next = apply_delta(&g, &mean).unwrap();
+        assert_eq!(
+            next.matrices[&peft_name(0, Target::Q, Half::A)],
+            g.matrices[&peft_name(0, Target::Q, Half::A)]
+        );
     }
 
     #[test]

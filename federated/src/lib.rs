@@ -16,7 +16,9 @@ pub mod init;
 pub mod spec;
 pub mod tensors;
 
-pub use aggregate::{AggregateError, Aggregator};
+pub use aggregate::{
+    apply_delta, mean_from_weighted_sum, update_layout, weighted_vector, AggregateError, Aggregator,
+};
 pub use init::initial_adapter;
 pub use spec::{AdapterSpec, AggregationMode, SpecError, Target, TrainingPlan};
 pub use tensors::{AdapterTensors, Matrix, TensorError};

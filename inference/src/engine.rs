@@ -17,6 +17,7 @@ use crate::metadata::Metadata;
 use crate::model::{Architecture, Weights};
 use crate::output::TextOutput;
 use crate::sampling::{Sampler, SamplingParams};
+use crate::text::ModelText;
 use crate::tokenizer::Tokenizer;
 
 /// How to load a model.
@@ -256,17 +257,10 @@ impl Engine {
         .flatten()
         .min()
         .unwrap_or(model_context_length);
-        let tokenizer = Tokenizer::from_metadata(&md)?;
-        let token_text = |id: Option<u32>| {
-            id.and_then(|id| tokenizer.token_text(id))
-                .unwrap_or("")
-                .to_string()
-        };
-        let template = ChatTemplate::new(
-            md.string("tokenizer.chat_template")?,
-            &token_text(tokenizer.bos_token()),
-            &token_text(tokenizer.eos_token()),
-        )?;
+        let ModelText {
+            tokenizer,
+            template,
+        } = ModelText::from_gguf_metadata(&content.metadata)?;
         let name = md.string("general.name")?.map(str::to_string);
         let tensor_count = content.tensor_infos.len();
 

@@ -225,6 +225,14 @@ async fn connect_once(
                         return SessionError::Transient("artifact worker stopped".into());
                     }
                 }
+                Ok(Some(Command { body: Some(command::Body::Secagg(step)) })) => {
+                    match &options.training {
+                        Some(training) => {
+                            tokio::spawn(crate::training::secure_step(training.clone(), step, client.clone()));
+                        }
+                        None => tracing::warn!("a secure-aggregation step for a node without training data"),
+                    }
+                }
                 Ok(Some(Command { body: Some(command::Body::Train(round)) })) => {
                     tracing::info!(federation = %round.federation, round = round.round, "round work received");
                     if jobs.rounds.try_send((round, client.clone())).is_err() {

@@ -1,18 +1,27 @@
 //! The node's side of federated rounds: local data loaded once, and a worker that takes
 //! each `TrainRound`, evaluates the round's global adapter on the held-out split, trains
 //! LoRA on the training split on top of the quantized base the device already holds,
-//! clips the delta, and sends only that delta, the example count and the metrics.
+//! clips the delta, and sends only that delta, the example count and the metrics. In a
+//! secure round the delta never leaves in the clear: the node weights it, adds its noise
+//! share (distributed DP), and takes part in SecAgg+ (keys with the round update, then
+//! one message per `SecAggStep`), so the coordinator learns only the sum.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use nanofleet_federated::{initial_adapter, AdapterTensors, AggregationMode, Matrix, Target};
+use nanofleet_federated::{
+    initial_adapter, weighted_vector, AdapterTensors, AggregationMode, Matrix, Target,
+};
 use nanofleet_inference::lora::LoraTarget;
 use nanofleet_proto::v1::{
     node_service_client::NodeServiceClient, AggregationMode as PbMode, EvalMetrics, MatrixShape,
-    RoundUpdate, TrainRound,
+    RoundUpdate, SecAggMessage, SecAggParams, SecAggStep, TrainRound,
 };
+use nanofleet_secagg::codec::{
+    decode_keys, decode_shares, decode_unmask_request, encode_client_message,
+};
+use nanofleet_secagg::{Client, ClientMessage, Config, Params};
 use nanofleet_train::{Example, LoraSpec, TrainOptions, Trainer};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
@@ -53,6 +62,33 @@ pub struct TrainingContext {
     pub memory_budget_bytes: Option<u64>,
     /// Where the node keeps its own copy of each update it sent.
     pub dir: PathBuf,
+    /// Secure rounds in progress: the SecAgg+ client and the vector it will mask, by
+    /// round id. Memory only: an agent that restarts mid-round is a dropout.
+    pub secure: Mutex<HashMap<String, SecureSession>>,
+}
+
+impl TrainingContext {
+    pub fn new(
+        data: LocalData,
+        artifacts: Arc<ArtifactManager>,
+        memory_budget_bytes: Option<u64>,
+        dir: PathBuf,
+    ) -> Self {
+        Self {
+            data,
+            artifacts,
+            memory_budget_bytes,
+            dir,
+            secure: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// A node's part in one secure round.
+pub struct SecureSession {
+    client: Client,
+    /// The weighted, noised update and its weight, as it enters the sum.
+    vector: Vec<f32>,
 }
 
 pub type TrainingJob = (TrainRound, NodeServiceClient<Channel>);
@@ -290,9 +326,121 @@ fn run_round(ctx: &TrainingContext, round: &TrainRound) -> Result<RoundUpdate, S
     {
         tracing::warn!(error = %e, "could not keep a copy of the update");
     }
-    update.delta = bytes;
-    update.examples = ctx.data.train.len() as u64;
     update.train_loss_first = report.first_loss;
     update.train_loss_last = report.last_loss;
+    let examples = ctx.data.train.len() as u64;
+    match &round.secagg {
+        None => {
+            update.delta = bytes;
+            update.examples = examples;
+        }
+        Some(params) => {
+            let (session, advertise) = secure_session(params, &delta, examples)?;
+            ctx.secure
+                .lock()
+                .expect("secure session lock")
+                .insert(round.round_id.clone(), session);
+            update.secagg_advertise = advertise;
+        }
+    }
     Ok(update)
+}
+
+/// Joins a secure round: the weighted update with its noise share, the SecAgg+ client,
+/// and its first message (its public keys).
+fn secure_session(
+    params: &SecAggParams,
+    delta: &AdapterTensors,
+    examples: u64,
+) -> Result<(SecureSession, Vec<u8>), String> {
+    let client_id = params.client_id;
+    let cap = params.weight_cap.max(1);
+    let weight = examples.min(cap) as f32 / cap as f32;
+    let mut vector = weighted_vector(delta, weight);
+    if params.noise_stddev > 0.0 {
+        // Distributed DP: this node's share of the noise, from its own randomness.
+        let last = vector.len() - 1;
+        nanofleet_privacy::GaussianSampler::from_rng(&mut rand::rngs::OsRng)
+            .add_noise(&mut vector[..last], params.noise_stddev)
+            .map_err(|e| e.to_string())?;
+    }
+    let graph_seed: [u8; 32] = params
+        .graph_seed
+        .as_slice()
+        .try_into()
+        .map_err(|_| "the round's graph seed is not 32 bytes".to_owned())?;
+    let config = Config {
+        round: params.round_tag,
+        num_clients: params.num_clients,
+        group_size: params.group_size,
+        threshold: params.threshold,
+        graph_seed,
+        vector_len: vector.len(),
+        clipping_range: params.clipping_range,
+        quantization_range: params.quantization_range,
+        modulus_bits: params.modulus_bits,
+    };
+    let params = Params::new(config).map_err(|e| e.to_string())?;
+    let mut client =
+        Client::new(client_id, params, &mut rand::rngs::OsRng).map_err(|e| e.to_string())?;
+    let advertise = client.advertise().map_err(|e| e.to_string())?;
+    let bytes = encode_client_message(&ClientMessage::AdvertiseKeys(advertise));
+    Ok((SecureSession { client, vector }, bytes))
+}
+
+/// Answers one secure-aggregation step of a round this node trained in.
+pub async fn secure_step(
+    ctx: Arc<TrainingContext>,
+    step: SecAggStep,
+    mut client: NodeServiceClient<Channel>,
+) {
+    let round_id = step.round_id.clone();
+    let work = ctx.clone();
+    let reply = tokio::task::spawn_blocking(move || answer_step(&work, &step)).await;
+    let payload = match reply {
+        Ok(Ok(Some(payload))) => payload,
+        Ok(Ok(None)) => {
+            tracing::warn!(round = %round_id, "a secure-aggregation step for a round this node is not in (restarted?); it counts as a dropout");
+            return;
+        }
+        Ok(Err(reason)) => {
+            tracing::warn!(round = %round_id, %reason, "secure-aggregation step failed");
+            return;
+        }
+        Err(panic) => {
+            tracing::error!(round = %round_id, %panic, "secure-aggregation step panicked");
+            return;
+        }
+    };
+    let message = SecAggMessage {
+        round_id: round_id.clone(),
+        payload,
+    };
+    if let Err(status) = client.submit_sec_agg(message).await {
+        tracing::warn!(round = %round_id, code = ?status.code(), status = %status.message(), "secure-aggregation message refused");
+    }
+}
+
+/// The node's message for the stage `step` opens; `None` when the node has no session.
+fn answer_step(ctx: &TrainingContext, step: &SecAggStep) -> Result<Option<Vec<u8>>, String> {
+    let mut sessions = ctx.secure.lock().expect("secure session lock");
+    let Some(session) = sessions.get_mut(&step.round_id) else {
+        return Ok(None);
+    };
+    let err = |e: nanofleet_secagg::SecAggError| e.to_string();
+    let message = if let Ok(keys) = decode_keys(&step.payload) {
+        ClientMessage::ShareKeys(session.client.share_keys(&keys).map_err(err)?)
+    } else if let Ok(shares) = decode_shares(&step.payload) {
+        let masked = session
+            .client
+            .masked_input(&shares, &session.vector)
+            .map_err(err)?;
+        ClientMessage::MaskedInput(masked)
+    } else {
+        let request = decode_unmask_request(&step.payload).map_err(|e| e.to_string())?;
+        let response = session.client.unmask(&request).map_err(err)?;
+        sessions.remove(&step.round_id);
+        ClientMessage::Unmask(response)
+    };
+    Ok(Some(encode_client_message(&message)))
 }

@@ -85,6 +85,7 @@
 //! ```
 
 mod client;
+pub mod codec;
 mod crypto;
 pub mod encoding;
 mod error;

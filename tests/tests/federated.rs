@@ -113,10 +113,15 @@ struct Schedule<'a> {
     min: usize,
     rounds: u32,
     timeout: &'a str,
+    /// More `federation create` flags (`--plaintext`, privacy options).
+    extra: &'a [&'a str],
+    clip_norm: &'a str,
 }
 
 fn create_federation(coordinator: &Coordinator, name: &str, s: Schedule) {
-    ok(&coordinator.cli(&[
+    let rounds = s.rounds.to_string();
+    let (min, clients) = (s.min.to_string(), s.clients.to_string());
+    let mut args = vec![
         "federation",
         "create",
         name,
@@ -133,9 +138,9 @@ fn create_federation(coordinator: &Coordinator, name: &str, s: Schedule) {
         "--seed",
         "7",
         "--min-clients",
-        &s.min.to_string(),
+        &min,
         "--max-clients",
-        &s.clients.to_string(),
+        &clients,
         "--steps",
         "12",
         "--learning-rate",
@@ -145,12 +150,14 @@ fn create_federation(coordinator: &Coordinator, name: &str, s: Schedule) {
         "--max-seq-len",
         "96",
         "--clip-norm",
-        "100",
+        s.clip_norm,
         "--rounds",
-        &s.rounds.to_string(),
+        &rounds,
         "--round-timeout",
         s.timeout,
-    ]));
+    ];
+    args.extend_from_slice(s.extra);
+    ok(&coordinator.cli(&args));
 }
 
 fn federation(coordinator: &Coordinator, name: &str) -> Value {
@@ -233,6 +240,9 @@ fn three_agents_three_exact_rounds_loss_falls_and_the_aggregate_is_the_average()
             min: 3,
             rounds: 3,
             timeout: "300s",
+            // The control for the exact-average check: the coordinator sees each update.
+            extra: &["--plaintext"],
+            clip_norm: "100",
         },
     );
     ok(&c.cli(&["round", "start", "valves"]));
@@ -440,6 +450,8 @@ fn agents_killed_mid_round_and_a_coordinator_restart_leave_rounds_correct() {
             min: 3,
             rounds: 1,
             timeout: "15s",
+            extra: &[],
+            clip_norm: "100",
         },
     );
     ok(&fleet.coordinator.cli(&["round", "start", "min3"]));
@@ -472,6 +484,8 @@ fn agents_killed_mid_round_and_a_coordinator_restart_leave_rounds_correct() {
             min: 4,
             rounds: 1,
             timeout: "15s",
+            extra: &[],
+            clip_norm: "100",
         },
     );
     ok(&fleet.coordinator.cli(&["round", "start", "min4"]));
@@ -509,6 +523,8 @@ fn agents_killed_mid_round_and_a_coordinator_restart_leave_rounds_correct() {
             min: 4,
             rounds: 1,
             timeout: "120s",
+            extra: &[],
+            clip_norm: "100",
         },
     );
     ok(&fleet.coordinator.cli(&["round", "start", "restart"]));
@@ -530,4 +546,257 @@ fn agents_killed_mid_round_and_a_coordinator_restart_leave_rounds_correct() {
     assert_eq!(done["history"][0]["state"], "aggregated", "{done:#}");
     assert_eq!(done["history"][0]["contributors"], 4);
     drop(root);
+}
+
+/// The real SmolLM2-135M learns a made-up answer format over two federated rounds on two
+/// agents. Minutes on two cores: run with `tests/federated-smollm2.sh` (or `--ignored`).
+#[test]
+#[ignore = "trains the real model for minutes; run by tests/federated-smollm2.sh"]
+fn smollm2_two_agents_two_rounds_exact_match_rises() {
+    let model = nanofleet_e2e::reference_model();
+    let root = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(root.path());
+    let (key, public) = trusted_key(&c, root.path(), "publisher", "smollm2-*");
+    let trust = agent_trust_policy(root.path(), &public, "smollm2-*");
+    publish(
+        &c,
+        &model,
+        "smollm2-135m-instruct",
+        "1.0.0",
+        &key,
+        "4194304",
+    );
+    // The task: plant codes are "ZX-" and the unit number, a format the base model
+    // does not know.
+    let mut agents = Vec::new();
+    for site in 0..2 {
+        let dir = root.path().join("site-data");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(format!("site-{site}.jsonl"));
+        let lines: Vec<String> = (0..30)
+            .map(|k| {
+                let unit = 100 + site * 300 + k * 7;
+                serde_json::json!({
+                    "prompt": format!("What is the plant code of unit {unit}?"),
+                    "response": format!("ZX-{unit}"),
+                })
+                .to_string()
+            })
+            .collect();
+        std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+        let token = c.create_token("10m", "site=plant-3");
+        agents.push(Agent::start_with(
+            root.path(),
+            &format!("agent-{site}"),
+            &c,
+            &token,
+            &[
+                "--trust-policy",
+                &path(&trust),
+                "--training-data",
+                &path(&file),
+            ],
+        ));
+    }
+    for agent in &agents {
+        agent.wait_enrolled();
+    }
+    let id = create_rollout(&c, "smollm2-135m-instruct@1.0.0", "100%");
+    wait_state(&c, &id, "completed", Duration::from_secs(300));
+    ok(&c.cli(&[
+        "federation",
+        "create",
+        "codes",
+        "--base",
+        "smollm2-135m-instruct@1.0.0",
+        "--rank",
+        "8",
+        "--alpha",
+        "16",
+        "--targets",
+        "q,k,v,o,gate,up,down",
+        "--mode",
+        "fedavg",
+        "--seed",
+        "11",
+        "--min-clients",
+        "2",
+        "--max-clients",
+        "2",
+        "--steps",
+        "12",
+        "--learning-rate",
+        "0.002",
+        "--batch-size",
+        "4",
+        "--max-seq-len",
+        "96",
+        "--clip-norm",
+        "100",
+        "--rounds",
+        "2",
+        "--round-timeout",
+        "30m",
+    ]));
+    ok(&c.cli(&["round", "start", "codes"]));
+    let done = wait_federation(&c, "codes", "finished", Duration::from_secs(3600));
+    println!(
+        "{}",
+        String::from_utf8_lossy(&c.cli(&["round", "status", "codes"]).stdout)
+    );
+    let history = done["history"].as_array().unwrap();
+    let exact: Vec<f64> = history
+        .iter()
+        .map(|r| r["eval"]["exact_match"].as_f64().unwrap())
+        .collect();
+    let loss: Vec<f64> = history
+        .iter()
+        .map(|r| r["eval"]["loss"].as_f64().unwrap())
+        .collect();
+    println!("held-out exact match by round: {exact:?}; loss: {loss:?}");
+    assert!(exact[2] > exact[0], "exact match must rise: {exact:?}");
+    assert!(loss[2] < loss[0], "held-out loss must fall: {loss:?}");
+}
+
+/// Issue 6 end to end: SecAgg+ (the default) gives the adapter of a plaintext control run
+/// within the quantization error, and what the coordinator received and kept of the
+/// secure round is masked vectors only; with differential privacy every round's epsilon
+/// is recorded and audited, and the federation stops at its budget.
+#[test]
+fn secure_aggregation_matches_plaintext_and_privacy_is_accounted() {
+    let fleet = fleet(&[24, 32, 40]);
+    let c = &fleet.coordinator;
+    for (name, extra) in [("plain", &["--plaintext"][..]), ("secure", &[][..])] {
+        create_federation(
+            c,
+            name,
+            Schedule {
+                mode: "fedavg",
+                clients: 3,
+                min: 3,
+                rounds: 1,
+                timeout: "120s",
+                extra,
+                clip_norm: "100",
+            },
+        );
+        ok(&c.cli(&["round", "start", name]));
+        let done = wait_federation(c, name, "finished", Duration::from_secs(300));
+        assert_eq!(done["history"][0]["state"], "aggregated", "{done:#}");
+        assert_eq!(done["history"][0]["contributors"], 3);
+    }
+    let dir = fleet.root.path().join("export");
+    let plain = export(c, "plain@1", &dir.join("plain"));
+    let secure = export(c, "secure@1", &dir.join("secure"));
+    // Same seed, same data, same plan: the nodes' updates are the same in both runs, so
+    // the adapters differ only by the fixed-point quantization of SecAgg+.
+    let worst = plain
+        .flatten()
+        .iter()
+        .zip(secure.flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("largest difference secure vs plaintext: {worst:e}");
+    assert!(
+        worst < 1e-5,
+        "secure and plaintext adapters differ by {worst}"
+    );
+    assert!(plain != AdapterTensors::default());
+
+    // What the coordinator kept of the secure round: masked messages only, no update.
+    let fed_dir = c.dir.join("federations/secure");
+    let mut masked = 0;
+    for file in files_under(&fed_dir) {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            !(file.starts_with(fed_dir.join("updates")) && name.ends_with(".safetensors")),
+            "a plaintext update is stored: {}",
+            file.display()
+        );
+        if name.starts_with("2-") {
+            let message =
+                nanofleet_secagg::codec::decode_client_message(&std::fs::read(&file).unwrap())
+                    .unwrap();
+            let nanofleet_secagg::ClientMessage::MaskedInput(m) = message else {
+                panic!("stage 3 holds masked inputs");
+            };
+            // A node's encoded update sits in a narrow band around the ring's midpoint;
+            // masked, it is spread over the whole ring.
+            let mean = m.values.iter().map(|v| *v as f64).sum::<f64>() / m.values.len() as f64;
+            let var = m
+                .values
+                .iter()
+                .map(|v| (*v as f64 - mean).powi(2))
+                .sum::<f64>()
+                / m.values.len() as f64;
+            let spread = var.sqrt() / 2f64.powi(32);
+            assert!(
+                spread > 0.25,
+                "masked values are not uniform over the ring: {spread}"
+            );
+            masked += 1;
+        }
+    }
+    assert_eq!(
+        masked, 3,
+        "the coordinator kept the three masked inputs it received"
+    );
+
+    // Central DP with a budget: each round's epsilon is recorded and audited; the
+    // federation stops before the round that would overspend.
+    create_federation(
+        c,
+        "private",
+        Schedule {
+            mode: "fedavg",
+            clients: 3,
+            min: 3,
+            rounds: 10,
+            timeout: "120s",
+            // Weights near 1 (examples / cap), so that noise of std z·C on the sum is
+            // of the order of the mean update rather than far above it.
+            extra: &[
+                "--noise-multiplier",
+                "1.0",
+                "--epsilon-budget",
+                "12",
+                "--delta",
+                "1e-5",
+                "--weight-cap",
+                "30",
+            ],
+            clip_norm: "1",
+        },
+    );
+    ok(&c.cli(&["round", "start", "private"]));
+    let done = wait_federation(c, "private", "finished", Duration::from_secs(600));
+    let history = done["history"].as_array().unwrap();
+    let training: Vec<&Value> = history
+        .iter()
+        .filter(|r| r["evaluation"] == false)
+        .collect();
+    assert!(
+        training.len() < 10,
+        "the budget stopped the federation: {done:#}"
+    );
+    let mut last_total = 0.0;
+    for round in &training {
+        let epsilon = round["epsilon"].as_f64().unwrap();
+        let total = round["epsilon_total"].as_f64().unwrap();
+        assert!(
+            epsilon > 0.0 && total > last_total && total <= 12.0,
+            "{done:#}"
+        );
+        last_total = total;
+    }
+    assert!(
+        done["reason"].as_str().unwrap().contains("privacy budget"),
+        "{done:#}"
+    );
+    let events = c.cli_json(&["events", "--action", "federation.privacy_spent"]);
+    assert_eq!(events.as_array().unwrap().len(), training.len());
+    eprintln!(
+        "{} private rounds, epsilon total {last_total:.3}",
+        training.len()
+    );
 }

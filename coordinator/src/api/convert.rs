@@ -5,7 +5,8 @@ use nanofleet_proto::v1 as pb;
 use crate::artifacts::ArtifactRecord;
 use crate::events::Event;
 use crate::federations::{
-    Dispatch, FederationRecord, FederationState, MetricSums, RoundRecord, RoundState, Submission,
+    Dispatch, FederationRecord, FederationState, MetricSums, Outbound, RoundRecord, RoundState,
+    Submission,
 };
 use crate::registry::{Accelerator, DeviceFacts, NodeRecord, NodeStatus, PowerSource};
 use crate::rollouts::{NodeVerdict, Rollout, RolloutError, RolloutState, Rollouts};
@@ -303,6 +304,9 @@ fn round_to_proto(round: &RoundRecord) -> pb::Round {
         eval: Some(metrics_to_proto(&round.eval)),
         train_loss_first: round.train_first.means().0,
         train_loss_last: round.train_last.means().0,
+        secure: round.secure.is_some(),
+        epsilon: round.epsilon,
+        epsilon_total: round.epsilon_total,
     }
 }
 
@@ -331,11 +335,24 @@ pub fn federation_to_proto(fed: &FederationRecord) -> pb::Federation {
         history: fed.history.iter().map(round_to_proto).collect(),
         global_round: fed.global_round,
         reason: fed.reason.clone(),
+        plaintext: fed.secure.is_none(),
+        secagg: fed.secure.as_ref().map(|s| pb::SecAggOptions {
+            group_size: s.group_size,
+            stage_timeout_secs: s.stage_timeout_secs,
+            weight_cap: s.weight_cap,
+        }),
+        privacy: Some(pb::PrivacyOptions {
+            noise_multiplier: fed.privacy.noise_multiplier,
+            distributed: fed.privacy.distributed,
+            epsilon_budget: fed.privacy.epsilon_budget,
+            delta: fed.privacy.delta,
+        }),
+        epsilon_spent: fed.ledger.as_ref().map_or(0.0, |l| l.spent().epsilon),
     }
 }
 
 /// The `TrainRound` command for one node's share of a round.
-pub fn dispatch_to_command(d: &Dispatch) -> pb::Command {
+fn dispatch_to_command(d: &Dispatch) -> pb::Command {
     pb::Command {
         body: Some(pb::command::Body::Train(pb::TrainRound {
             round_id: d.round_id.clone(),
@@ -348,7 +365,47 @@ pub fn dispatch_to_command(d: &Dispatch) -> pb::Command {
             global_adapter: d.global_adapter.as_ref().clone(),
             plan: Some(plan_to_proto(&d.plan)),
             deadline_unix_ms: d.deadline_ms,
+            secagg: d.secagg.as_ref().map(|s| pb::SecAggParams {
+                client_id: s.client_id,
+                num_clients: s.num_clients,
+                group_size: s.group_size,
+                threshold: s.threshold,
+                graph_seed: s.graph_seed.to_vec(),
+                round_tag: s.round_tag,
+                clipping_range: s.clipping_range,
+                quantization_range: s.quantization_range,
+                modulus_bits: s.modulus_bits,
+                weight_cap: s.weight_cap,
+                noise_stddev: s.noise_stddev,
+            }),
         })),
+    }
+}
+
+/// The command for one piece of round work.
+pub fn outbound_to_command(outbound: &Outbound) -> pb::Command {
+    match outbound {
+        Outbound::Train(dispatch) => dispatch_to_command(dispatch),
+        Outbound::SecAgg {
+            round_id,
+            payload,
+            deadline_ms,
+            ..
+        } => pb::Command {
+            body: Some(pb::command::Body::Secagg(pb::SecAggStep {
+                round_id: round_id.clone(),
+                payload: payload.clone(),
+                stage_deadline_unix_ms: *deadline_ms,
+            })),
+        },
+    }
+}
+
+/// The node an outbound message goes to.
+pub fn outbound_node(outbound: &Outbound) -> &str {
+    match outbound {
+        Outbound::Train(d) => &d.node_id,
+        Outbound::SecAgg { node_id, .. } => node_id,
     }
 }
 
@@ -370,6 +427,7 @@ pub fn submission_from_proto(u: pb::RoundUpdate) -> Submission {
         eval_exact_match: eval.exact_match,
         train_loss_first: u.train_loss_first,
         train_loss_last: u.train_loss_last,
+        secagg_advertise: u.secagg_advertise,
     }
 }
 

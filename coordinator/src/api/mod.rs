@@ -77,7 +77,7 @@ pub fn status_of_rollout(error: crate::rollouts::RolloutError) -> Status {
 pub fn status_of_federation(error: crate::federations::FederationError) -> Status {
     use crate::federations::FederationError as E;
     match error {
-        E::BadName(_) | E::Spec(_) | E::BadSchedule(_) | E::BadUpdate(_) | E::TooLarge(_) => {
+        E::BadName(_) | E::Spec(_) | E::BadSchedule(_) | E::BadUpdate(_) | E::TooLarge { .. } => {
             Status::invalid_argument(error.to_string())
         }
         E::Exists(_) | E::AlreadyReported(_) => Status::already_exists(error.to_string()),
@@ -111,13 +111,13 @@ pub fn status_of_adapter(error: crate::adapters::AdapterError) -> Status {
     }
 }
 
-/// Sends each node its share of a round (a node that dropped gets it when it reconnects).
+/// Sends each node its round work (a node that dropped gets it when it reconnects).
 pub fn dispatch_rounds(
     sessions: &crate::sessions::SessionHub,
-    dispatches: Vec<crate::federations::Dispatch>,
+    outbound: Vec<crate::federations::Outbound>,
 ) {
-    for d in dispatches {
-        sessions.send(&d.node_id, convert::dispatch_to_command(&d));
+    for o in outbound {
+        sessions.send(convert::outbound_node(&o), convert::outbound_to_command(&o));
     }
 }
 

@@ -10,14 +10,14 @@ use futures::Stream;
 use nanofleet_proto::v1::{
     command, node_service_server::NodeService, ArtifactReportAck, ArtifactState, AssignArtifact,
     ChunkData, Command, FetchChunksRequest, HeartbeatRequest, HeartbeatResponse, RoundUpdate,
-    RoundUpdateAck, SubscribeRequest, Welcome,
+    RoundUpdateAck, SecAggMessage, SubscribeRequest, Welcome,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::convert::{dispatch_to_command, facts_from_proto, submission_from_proto};
+use super::convert::{facts_from_proto, outbound_to_command, submission_from_proto};
 use super::{authorized_node, status_of, status_of_artifact, status_of_federation};
 use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::events::EventLog;
@@ -277,7 +277,7 @@ impl NodeService for NodeApi {
             .map_err(status_of_federation)?;
         for dispatch in &pending {
             sender
-                .send(Ok(dispatch_to_command(dispatch)))
+                .send(Ok(outbound_to_command(dispatch)))
                 .await
                 .map_err(|_| Status::internal("command stream closed"))?;
         }
@@ -421,6 +421,28 @@ impl NodeService for NodeApi {
             .map_err(|_| Status::internal("the coordinator failed to store the update"))?
             .map_err(|e| {
                 tracing::warn!(node = %node.id, error = %e, "round update refused");
+                status_of_federation(e)
+            })?;
+        self.federation_engine.notify_one();
+        Ok(Response::new(RoundUpdateAck {}))
+    }
+
+    async fn submit_sec_agg(
+        &self,
+        request: Request<SecAggMessage>,
+    ) -> Result<Response<RoundUpdateAck>, Status> {
+        let node = authorized_node(&self.registry, &request)?;
+        let message = request.into_inner();
+        if message.round_id.len() > 64 {
+            return Err(Status::invalid_argument("round_id is too long"));
+        }
+        let federations = self.federations.clone();
+        let node_id = node.id.clone();
+        blocking(move || federations.submit_secagg(&node_id, &message.round_id, &message.payload))
+            .await
+            .map_err(|_| Status::internal("the coordinator failed to take the message"))?
+            .map_err(|e| {
+                tracing::warn!(node = %node.id, error = %e, "secure-aggregation message refused");
                 status_of_federation(e)
             })?;
         self.federation_engine.notify_one();

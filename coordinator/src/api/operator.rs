@@ -23,7 +23,10 @@ use super::{deliver, status_of_adapter, status_of_federation, status_of_rollout}
 use crate::adapters::{self, AdapterRelease};
 use crate::artifacts::{ArtifactError, ArtifactRecord, ArtifactStore};
 use crate::events::EventLog;
-use crate::federations::{Federations, NewFederation, Selection};
+use crate::federations::secure::SecureOptions;
+use crate::federations::{
+    Federations, NewFederation, PrivacyOptions, Selection, DEFAULT_WEIGHT_CAP,
+};
 use crate::now_unix_ms;
 use crate::pki::Pki;
 use crate::registry::Registry;
@@ -374,6 +377,31 @@ impl OperatorService for OperatorApi {
             rounds: r.rounds,
             round_timeout_secs: r.round_timeout_secs,
             max_failed_rounds: r.max_failed_rounds,
+            secure: (!r.plaintext).then(|| {
+                let o = r.secagg.unwrap_or_default();
+                SecureOptions {
+                    group_size: o.group_size,
+                    stage_timeout_secs: if o.stage_timeout_secs == 0 {
+                        60
+                    } else {
+                        o.stage_timeout_secs
+                    },
+                    weight_cap: if o.weight_cap == 0 {
+                        DEFAULT_WEIGHT_CAP
+                    } else {
+                        o.weight_cap
+                    },
+                }
+            }),
+            privacy: {
+                let p = r.privacy.unwrap_or_default();
+                PrivacyOptions {
+                    noise_multiplier: p.noise_multiplier,
+                    distributed: p.distributed,
+                    epsilon_budget: p.epsilon_budget,
+                    delta: p.delta,
+                }
+            },
         };
         let fed = tokio::task::block_in_place(|| self.federations.create(new, &operator))
             .map_err(status_of_federation)?;

@@ -275,12 +275,12 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 held_out = data.held_out.len(),
                 "local training data loaded"
             );
-            Some(Arc::new(TrainingContext {
+            Some(Arc::new(TrainingContext::new(
                 data,
-                artifacts: artifacts.clone(),
-                memory_budget_bytes: config.training_memory_budget_mib.map(|m| m * 1024 * 1024),
-                dir: config.data_dir.join("training"),
-            }))
+                artifacts.clone(),
+                config.training_memory_budget_mib.map(|m| m * 1024 * 1024),
+                config.data_dir.join("training"),
+            )))
         }
         None => None,
     };

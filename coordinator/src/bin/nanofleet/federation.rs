@@ -9,6 +9,8 @@ use serde_json::json;
 
 use crate::{client, status_error, time_text, Cli};
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum FederationCommand {
     /// Define a federation: base model, adapter, who may train, how rounds run.
@@ -61,6 +63,29 @@ pub enum FederationCommand {
         round_timeout: humantime::Duration,
         #[arg(long, default_value_t = 3)]
         max_failed_rounds: u32,
+        /// Aggregate in the clear instead of by SecAgg+ (control runs, single-node tests).
+        #[arg(long)]
+        plaintext: bool,
+        /// SecAgg+ neighbourhood size; 0 = every selected node (full SecAgg).
+        #[arg(long, default_value_t = 0)]
+        group_size: u32,
+        /// Deadline of each secure-aggregation stage after training, e.g. 60s.
+        #[arg(long, default_value = "60s")]
+        stage_timeout: humantime::Duration,
+        /// A node's weight is min(examples, weight_cap) / weight_cap.
+        #[arg(long, default_value_t = 1000)]
+        weight_cap: u64,
+        /// Differential privacy: Gaussian noise multiplier z (std z × clip_norm on the sum); 0 = none.
+        #[arg(long, default_value_t = 0.0)]
+        noise_multiplier: f64,
+        /// Nodes add the noise in shares (distributed DP) instead of the coordinator once.
+        #[arg(long)]
+        distributed_noise: bool,
+        /// Stop before a round that would bring total epsilon above this; 0 = no budget.
+        #[arg(long, default_value_t = 0.0)]
+        epsilon_budget: f64,
+        #[arg(long, default_value_t = 1e-5)]
+        delta: f64,
     },
     List,
     Show {
@@ -130,6 +155,14 @@ pub async fn federation(cli: &Cli, command: &FederationCommand) -> anyhow::Resul
             rounds,
             round_timeout,
             max_failed_rounds,
+            plaintext,
+            group_size,
+            stage_timeout,
+            weight_cap,
+            noise_multiplier,
+            distributed_noise,
+            epsilon_budget,
+            delta,
         } => {
             let (base_name, base_version) = base
                 .split_once('@')
@@ -168,6 +201,18 @@ pub async fn federation(cli: &Cli, command: &FederationCommand) -> anyhow::Resul
                     rounds: *rounds,
                     round_timeout_secs: round_timeout.as_secs() as u32,
                     max_failed_rounds: *max_failed_rounds,
+                    plaintext: *plaintext,
+                    secagg: Some(pb::SecAggOptions {
+                        group_size: *group_size,
+                        stage_timeout_secs: stage_timeout.as_secs() as u32,
+                        weight_cap: *weight_cap,
+                    }),
+                    privacy: Some(pb::PrivacyOptions {
+                        noise_multiplier: *noise_multiplier,
+                        distributed: *distributed_noise,
+                        epsilon_budget: *epsilon_budget,
+                        delta: *delta,
+                    }),
                 })
                 .await
         }
@@ -344,6 +389,12 @@ fn federation_json(f: &pb::Federation) -> serde_json::Value {
         },
         "rounds": f.rounds,
         "global_round": f.global_round,
+        "aggregation": if f.plaintext { "plaintext" } else { "secagg+" },
+        "privacy": f.privacy.map(|p| json!({
+            "noise_multiplier": p.noise_multiplier, "distributed": p.distributed,
+            "epsilon_budget": p.epsilon_budget, "delta": p.delta,
+        })),
+        "epsilon_spent": f.epsilon_spent,
         "history": f.history.iter().map(|r| {
             let eval = r.eval.unwrap_or_default();
             json!({
@@ -359,6 +410,9 @@ fn federation_json(f: &pb::Federation) -> serde_json::Value {
                 "eval": {"examples": eval.examples, "loss": eval.loss, "exact_match": eval.exact_match},
                 "train_loss_first": r.train_loss_first,
                 "train_loss_last": r.train_loss_last,
+                "secure": r.secure,
+                "epsilon": r.epsilon,
+                "epsilon_total": r.epsilon_total,
             })
         }).collect::<Vec<_>>(),
     })
@@ -370,19 +424,21 @@ fn print_federation(f: &pb::Federation, json_output: bool) -> anyhow::Result<()>
         return Ok(());
     }
     println!(
-        "{}  {}  base {}@{}  global round {}  {}",
+        "{}  {}  base {}@{}  {}  global round {}  epsilon spent {:.4}  {}",
         f.name,
         state_name(f.state),
         f.base_name,
         f.base_version,
+        if f.plaintext { "plaintext" } else { "SecAgg+" },
         f.global_round,
+        f.epsilon_spent,
         f.reason
     );
-    println!("round  kind        state       nodes  updates  examples  held-out loss  exact match  train loss");
+    println!("round  kind        state       nodes  updates  examples  held-out loss  exact match  epsilon  train loss");
     for r in &f.history {
         let eval = r.eval.unwrap_or_default();
         println!(
-            "{:>5}  {:<10}  {:<10}  {:>2}/{:<2}  {:>7}  {:>8}  {:>13.4}  {:>11.3}  {:.4} -> {:.4}  {}",
+            "{:>5}  {:<10}  {:<10}  {:>2}/{:<2}  {:>7}  {:>8}  {:>13.4}  {:>11.3}  {:>7.3}  {:.4} -> {:.4}  {}",
             r.number,
             if r.evaluation { "evaluation" } else { "training" },
             round_state_name(r.state),
@@ -392,6 +448,7 @@ fn print_federation(f: &pb::Federation, json_output: bool) -> anyhow::Result<()>
             r.examples,
             eval.loss,
             eval.exact_match,
+            r.epsilon,
             r.train_loss_first,
             r.train_loss_last,
             r.reason

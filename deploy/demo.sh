@@ -5,8 +5,9 @@
 # out to the agents in two health-gated waves (each agent loads it and answers a smoke
 # prompt before it serves), and ask it a question through an agent's local OpenAI API.
 # Then a federated LoRA round: each agent trains on its own local examples (they never
-# leave it), the coordinator aggregates the clipped deltas, signs the adapter with its
-# adapter key and rolls it out, and agent-0 answers with the adapter applied.
+# leave it), the coordinator aggregates the clipped deltas by SecAgg+ (it learns only
+# their sum), signs the adapter with its adapter key and rolls it out, and agent-0
+# answers with the adapter applied.
 # Leaves everything running until Ctrl-C (set NANOFLEET_DEMO_EXIT=1 to stop at the end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,18 @@ work=${NANOFLEET_DEMO_DIR:-$(mktemp -d /tmp/nanofleet-demo.XXXXXX)}
 bin=target/release
 
 step() { printf '\n==> %s\n' "$*"; }
+
+# Creates a rollout (arguments: rollout create flags), waits until it ends, shows it.
+roll_out() {
+  local rollout state
+  rollout=$($bin/nanofleet rollout create "$@" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
+  for _ in $(seq 300); do
+    state=$($bin/nanofleet rollout status "$rollout" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["state"])')
+    case "$state" in completed|halted|aborted) break ;; esac
+    sleep 0.2
+  done
+  $bin/nanofleet rollout status "$rollout"
+}
 
 step "building nanofleet (release)"
 cargo build --release --bins
@@ -92,14 +105,7 @@ $bin/nanofleet model publish "$model" --name smollm2-135m-instruct --version 1.0
   --license apache-2.0 --key "$work/publisher/publisher.key"
 
 step "rolling it out: wave 1 = 1 node, wave 2 = the rest, each gated on the nodes' health (model loads, smoke prompt answered)"
-rollout=$($bin/nanofleet rollout create --artifact smollm2-135m-instruct@1.0.0 --waves 33%,100% --require-smoke --json \
-  | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
-for _ in $(seq 300); do
-  state=$($bin/nanofleet rollout status "$rollout" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["state"])')
-  case "$state" in completed|halted|aborted) break ;; esac
-  sleep 0.2
-done
-$bin/nanofleet rollout status "$rollout"
+roll_out --artifact smollm2-135m-instruct@1.0.0 --waves 33%,100% --require-smoke
 sha256sum "$model" "$work"/agent-*/artifacts/smollm2-135m-instruct/1.0.0/model.gguf
 $bin/nanofleet events
 
@@ -108,7 +114,7 @@ curl -sf "http://127.0.0.1:$api_port/v1/chat/completions" -H 'Content-Type: appl
   -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 48, "temperature": 0}' \
   | python3 -c 'import json, sys; r = json.load(sys.stdin); print("answer:", r["choices"][0]["message"]["content"]); print("usage:", r["usage"], "served by version", r["system_fingerprint"])'
 
-step "federated LoRA: one round on all 3 agents (rank 8 on q,v; plain FedAvg; secure aggregation comes with issue 6)"
+step "federated LoRA: one round on all 3 agents (rank 8 on q,v; FedAvg by SecAgg+ secure aggregation)"
 $bin/nanofleet federation create plant-codes --base smollm2-135m-instruct@1.0.0 --rank 8 --alpha 16 \
   --targets q,v --mode fedavg --seed 11 --min-clients 3 --max-clients 3 --steps 6 --batch-size 2 \
   --max-seq-len 96 --learning-rate 0.003 --clip-norm 100 --rounds 1 --round-timeout 20m
@@ -123,14 +129,7 @@ $bin/nanofleet round status plant-codes
 
 step "the round's adapter, signed by the coordinator's adapter key, rolled out and served by agent-0"
 $bin/nanofleet adapter publish plant-codes --name plant-codes-adapter --version 1.0.0
-rollout=$($bin/nanofleet rollout create --artifact plant-codes-adapter@1.0.0 --waves 100% --require-smoke --json \
-  | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
-for _ in $(seq 300); do
-  state=$($bin/nanofleet rollout status "$rollout" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["state"])')
-  case "$state" in completed|halted|aborted) break ;; esac
-  sleep 0.2
-done
-$bin/nanofleet rollout status "$rollout"
+roll_out --artifact plant-codes-adapter@1.0.0 --waves 100% --require-smoke
 $bin/nanofleet adapter export plant-codes --format peft "$work/plant-codes-peft"
 curl -sf "http://127.0.0.1:$api_port/v1/chat/completions" -H 'Content-Type: application/json' \
   -d '{"model": "plant-codes-adapter", "messages": [{"role": "user", "content": "What is the plant code of unit 142?"}], "max_tokens": 16, "temperature": 0}' \

@@ -17,7 +17,7 @@ use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::events::EventLog;
 use crate::now_unix_ms;
 use crate::registry::{NodeRecord, NodeStatus, Registry, RegistryError};
-use crate::store::{decode, encode, Keyspace, KvStore, StoreError};
+use crate::store::{decode, encode, get_record, scan_records, Keyspace, KvStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
@@ -296,11 +296,7 @@ impl Deployments {
     }
 
     pub fn desired(&self, node_id: &str, name: &str) -> Result<Option<Desired>, StoreError> {
-        let key = node_key(node_id, name);
-        self.store
-            .get(Keyspace::Desired, &key)?
-            .map(|v| decode(Keyspace::Desired, &key, &v))
-            .transpose()
+        get_record(&*self.store, Keyspace::Desired, &node_key(node_id, name))
     }
 
     pub fn record_report(
@@ -317,11 +313,11 @@ impl Deployments {
     }
 
     pub fn report(&self, node_id: &str, name: &str) -> Result<Option<ArtifactReport>, StoreError> {
-        let key = node_key(node_id, name);
-        self.store
-            .get(Keyspace::NodeArtifacts, &key)?
-            .map(|v| decode(Keyspace::NodeArtifacts, &key, &v))
-            .transpose()
+        get_record(
+            &*self.store,
+            Keyspace::NodeArtifacts,
+            &node_key(node_id, name),
+        )
     }
 }
 
@@ -368,20 +364,12 @@ impl Rollouts {
     }
 
     pub fn get(&self, id: &str) -> Result<Rollout, RolloutError> {
-        let bytes = self
-            .store
-            .get(Keyspace::Rollouts, id.as_bytes())?
-            .ok_or_else(|| RolloutError::NotFound(id.to_owned()))?;
-        Ok(decode(Keyspace::Rollouts, id.as_bytes(), &bytes)?)
+        get_record(&*self.store, Keyspace::Rollouts, id.as_bytes())?
+            .ok_or_else(|| RolloutError::NotFound(id.to_owned()))
     }
 
     pub fn list(&self) -> Result<Vec<Rollout>, RolloutError> {
-        let mut rollouts: Vec<Rollout> = self
-            .store
-            .scan(Keyspace::Rollouts)?
-            .into_iter()
-            .map(|(k, v)| decode(Keyspace::Rollouts, &k, &v))
-            .collect::<Result<_, _>>()?;
+        let mut rollouts: Vec<Rollout> = scan_records(&*self.store, Keyspace::Rollouts)?;
         rollouts.sort_by_key(|r| r.created_at_ms);
         Ok(rollouts)
     }

@@ -799,4 +799,36 @@ fn secure_aggregation_matches_plaintext_and_privacy_is_accounted() {
         "{} private rounds, epsilon total {last_total:.3}",
         training.len()
     );
+
+    // Distributed DP: the nodes add the noise in shares inside SecAgg+; the round is
+    // accounted with the noise that reached the sum (all three shares here).
+    create_federation(
+        c,
+        "shared-noise",
+        Schedule {
+            mode: "fedavg",
+            clients: 3,
+            min: 3,
+            rounds: 1,
+            timeout: "120s",
+            extra: &[
+                "--noise-multiplier",
+                "1.0",
+                "--distributed-noise",
+                "--weight-cap",
+                "30",
+            ],
+            clip_norm: "1",
+        },
+    );
+    ok(&c.cli(&["round", "start", "shared-noise"]));
+    let done = wait_federation(c, "shared-noise", "finished", Duration::from_secs(300));
+    let first = &done["history"][0];
+    assert_eq!(first["state"], "aggregated", "{done:#}");
+    // One round at sampling rate 1 and z = 1 costs what the central round above did.
+    let central_first = training[0]["epsilon"].as_f64().unwrap();
+    assert!(
+        (first["epsilon"].as_f64().unwrap() - central_first).abs() < 1e-9,
+        "{done:#}"
+    );
 }

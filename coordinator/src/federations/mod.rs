@@ -36,7 +36,7 @@ use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::events::EventLog;
 use crate::now_unix_ms;
 use crate::registry::{NodeRecord, NodeStatus, PowerSource, Registry, RegistryError};
-use crate::store::{decode, encode, Keyspace, KvStore, StoreError};
+use crate::store::{encode, get_record, scan_records, Keyspace, KvStore, StoreError};
 
 const MAX_REASON: usize = 512;
 
@@ -438,20 +438,12 @@ impl Federations {
     }
 
     pub fn get(&self, name: &str) -> Result<FederationRecord, FederationError> {
-        let bytes = self
-            .store
-            .get(Keyspace::Federations, name.as_bytes())?
-            .ok_or_else(|| FederationError::NotFound(name.to_owned()))?;
-        Ok(decode(Keyspace::Federations, name.as_bytes(), &bytes)?)
+        get_record(&*self.store, Keyspace::Federations, name.as_bytes())?
+            .ok_or_else(|| FederationError::NotFound(name.to_owned()))
     }
 
     pub fn list(&self) -> Result<Vec<FederationRecord>, FederationError> {
-        let mut feds: Vec<FederationRecord> = self
-            .store
-            .scan(Keyspace::Federations)?
-            .into_iter()
-            .map(|(k, v)| decode(Keyspace::Federations, &k, &v))
-            .collect::<Result<_, _>>()?;
+        let mut feds: Vec<FederationRecord> = scan_records(&*self.store, Keyspace::Federations)?;
         feds.sort_by_key(|f| f.created_at_ms);
         Ok(feds)
     }

@@ -70,6 +70,30 @@ pub fn decode<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// Reads and decodes one record; `None` when the key is absent.
+pub fn get_record<T: serde::de::DeserializeOwned>(
+    store: &dyn KvStore,
+    space: Keyspace,
+    key: &[u8],
+) -> Result<Option<T>, StoreError> {
+    store
+        .get(space, key)?
+        .map(|bytes| decode(space, key, &bytes))
+        .transpose()
+}
+
+/// Every record of a keyspace, decoded, in key order.
+pub fn scan_records<T: serde::de::DeserializeOwned>(
+    store: &dyn KvStore,
+    space: Keyspace,
+) -> Result<Vec<T>, StoreError> {
+    store
+        .scan(space)?
+        .into_iter()
+        .map(|(k, v)| decode(space, &k, &v))
+        .collect()
+}
+
 /// Encodes a record for storage.
 pub fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records serialize: string keys, no non-finite floats")

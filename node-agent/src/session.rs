@@ -57,6 +57,9 @@ struct Workers {
     rounds: mpsc::Sender<TrainingJob>,
 }
 
+/// How long a session must last before the reconnect delays start over.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
+
 /// An assignment and the connection to fetch it over.
 type ArtifactJob = (AssignArtifact, NodeServiceClient<Channel>);
 
@@ -142,9 +145,15 @@ pub async fn run(identity: Identity, options: SessionOptions) -> SessionError {
     let mut sequence = 0u64;
     loop {
         let span = tracing::info_span!("session", node = %identity.node_id);
-        let result = connect_once(&identity, &options, &jobs, &mut sequence, &mut backoff)
+        let started = tokio::time::Instant::now();
+        let result = connect_once(&identity, &options, &jobs, &mut sequence)
             .instrument(span)
             .await;
+        // Only a session that lasted starts the delays over: one that connects and fails at
+        // once (a command it cannot take, say) must not turn into a reconnect storm.
+        if started.elapsed() >= STABLE_SESSION {
+            backoff.reset();
+        }
         match result {
             SessionError::Refused(reason) => return SessionError::Refused(reason),
             SessionError::Transient(reason) => {
@@ -162,7 +171,6 @@ async fn connect_once(
     options: &SessionOptions,
     jobs: &Workers,
     sequence: &mut u64,
-    backoff: &mut Backoff,
 ) -> SessionError {
     let channel =
         match nanofleet_transport::connect(&identity.coordinator, &identity.client_tls()).await {
@@ -170,7 +178,7 @@ async fn connect_once(
             Err(e) => return SessionError::Transient(error_chain(&e)),
         };
     let mut client = NodeServiceClient::new(channel)
-        .max_decoding_message_size(nanofleet_transport::MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(nanofleet_transport::MAX_COMMAND_BYTES);
     let mut stream = match client.subscribe(SubscribeRequest {}).await {
         Ok(response) => response.into_inner(),
         Err(status) => return classify(status),
@@ -189,7 +197,6 @@ async fn connect_once(
         heartbeat_secs = interval.as_secs(),
         "connected to the coordinator"
     );
-    backoff.reset();
 
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -10,6 +10,11 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 /// configured limit; this keeps clients from buffering more than that).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
+/// Largest command an agent accepts on its stream: a round's work carries the global
+/// adapter inline (about 10 MB for SmolLM2-135M at rank 8 on every linear layer), bounded
+/// like the adapter artifacts the agent accepts.
+pub const MAX_COMMAND_BYTES: usize = 256 * 1024 * 1024;
+
 /// Largest HTTP/2 frame this client accepts. One frame then carries a whole artifact
 /// download message (256 KiB) instead of sixteen frames of the default 16 KiB; in the
 /// loopback benchmark that took about a sixth of the coordinator's CPU time per

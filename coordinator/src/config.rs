@@ -35,6 +35,10 @@ pub struct CoordinatorConfig {
     pub rollout_wave_timeout_secs: u32,
     /// Log filter in `tracing_subscriber::EnvFilter` syntax (`RUST_LOG` wins when set).
     pub log: String,
+    /// Writes the body of every request the node service receives to a file here (one
+    /// per call), for audits of what devices sent. Off by default; the files hold what
+    /// nodes sent, so keep the directory as private as the data directory.
+    pub wire_capture_dir: Option<PathBuf>,
 }
 
 impl Default for CoordinatorConfig {
@@ -50,6 +54,7 @@ impl Default for CoordinatorConfig {
             download_bytes_per_sec: 0,
             rollout_wave_timeout_secs: 600,
             log: "info".to_owned(),
+            wire_capture_dir: None,
         }
     }
 }
@@ -73,6 +78,7 @@ impl CoordinatorConfig {
                 "download_bytes_per_sec",
                 "rollout_wave_timeout_secs",
                 "log",
+                "wire_capture_dir",
             ],
             flags,
         )

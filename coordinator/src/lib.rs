@@ -9,6 +9,7 @@
 pub mod adapters;
 pub mod api;
 pub mod artifacts;
+pub mod capture;
 pub mod config;
 pub mod events;
 pub mod federations;

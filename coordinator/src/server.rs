@@ -218,7 +218,13 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         "coordinator listening"
     );
 
+    let capture = crate::capture::CaptureLayer::new(
+        config.wire_capture_dir.clone(),
+        limit.max(config.max_update_bytes),
+    )
+    .map_err(ServerError::Http)?;
     let grpc = Server::builder()
+        .layer(capture)
         .tls_config(tls)?
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

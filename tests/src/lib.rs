@@ -83,12 +83,17 @@ pub struct Coordinator {
 impl Coordinator {
     /// Initializes a data directory under `root` and starts serving.
     pub fn start(root: &Path) -> Self {
+        Self::start_with(root, &[])
+    }
+
+    /// Like [`Coordinator::start`], with extra `serve` flags.
+    pub fn start_with(root: &Path, serve_flags: &[&str]) -> Self {
         let mut coordinator = Self {
             dir: root.join("coordinator"),
             grpc_port: free_port(),
             http_port: free_port(),
             heartbeat_secs: 1,
-            serve_flags: Vec::new(),
+            serve_flags: serve_flags.iter().map(|f| f.to_string()).collect(),
             child: None,
             starts: 0,
         };

@@ -43,7 +43,14 @@ struct Fleet {
 /// base model rolled out to all of them.
 fn fleet(sizes: &[usize]) -> Fleet {
     let root = tempfile::tempdir().unwrap();
-    let coordinator = Coordinator::start(root.path());
+    // Every request body the node service receives is kept, to look for training text.
+    let coordinator = Coordinator::start_with(
+        root.path(),
+        &[
+            "--wire-capture-dir",
+            &path(&root.path().join("coordinator/wire")),
+        ],
+    );
     let (key, public) = trusted_key(&coordinator, root.path(), "publisher", "tiny-*");
     let trust = agent_trust_policy(root.path(), &public, "tiny-*");
     // Agents also trust the coordinator's adapter key for the federation's adapters.
@@ -385,7 +392,15 @@ fn three_agents_three_exact_rounds_loss_falls_and_the_aggregate_is_the_average()
         assert_eq!(adapted_answer, ANSWER);
     }
 
-    // No training text reached the coordinator: not in its database, adapter files or logs.
+    // No training text reached the coordinator: not in any request body it received (the
+    // wire capture), its database, adapter files or logs.
+    let captured = files_under(&c.dir.join("wire"));
+    assert!(
+        captured
+            .iter()
+            .any(|f| f.to_string_lossy().contains("SubmitUpdate")),
+        "the capture holds the round updates"
+    );
     let mut markers: Vec<String> = (0..3).map(|s| format!("site-{s}-secret-record")).collect();
     markers.push(ANSWER.to_owned());
     for file in files_under(&c.dir) {

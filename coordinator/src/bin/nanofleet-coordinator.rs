@@ -49,6 +49,9 @@ struct Flags {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     download_bytes_per_sec: Option<u64>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wire_capture_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]

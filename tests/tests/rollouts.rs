@@ -200,7 +200,7 @@ fn tampered_chunks_are_refused_and_the_previous_version_keeps_serving() {
         1,
         &["--trust-policy", &path(&trust)],
     );
-    for (version, seed) in [("1.0.0", 1), ("2.0.0", 2), ("3.0.0", 3)] {
+    for (version, seed) in [("1.0.0", 1), ("2.0.0", 2), ("3.0.0", 3), ("4.0.0", 4)] {
         let file = root.path().join(format!("{version}.gguf"));
         std::fs::write(&file, tiny_gguf(seed)).unwrap();
         publish(&coordinator, &file, "tiny", version, &key, "1024");
@@ -252,8 +252,41 @@ fn tampered_chunks_are_refused_and_the_previous_version_keeps_serving() {
         .join("artifacts/tiny/3.0.0/model.gguf")
         .exists());
 
+    // A manifest edited after signing, as a compromised coordinator store would hold it:
+    // the agent checks the signature itself and refuses.
+    let mut coordinator = coordinator;
+    coordinator.kill9();
+    {
+        use nanofleet_coordinator::store::{Keyspace, KvStore, SledStore};
+        let store = SledStore::open(&coordinator.dir.join("state")).unwrap();
+        let key = b"tiny@4.0.0";
+        let mut record: serde_json::Value =
+            serde_json::from_slice(&store.get(Keyspace::Artifacts, key).unwrap().unwrap()).unwrap();
+        record["signed"]["manifest"]["license"] = "all-rights-reserved".into();
+        store
+            .put(
+                Keyspace::Artifacts,
+                key,
+                &serde_json::to_vec(&record).unwrap(),
+            )
+            .unwrap();
+        store.flush().unwrap();
+    }
+    coordinator.restart();
+    let v4 = create_rollout(&coordinator, "tiny@4.0.0", "100%");
+    let halted = wait_state(&coordinator, &v4, "halted", Duration::from_secs(30));
+    assert!(
+        halted["reason"]
+            .as_str()
+            .unwrap()
+            .contains("signature refused"),
+        "{halted:#}"
+    );
+    assert_eq!(active(&agents[0], "tiny").as_deref(), Some("1.0.0"));
+    assert!(!agents[0].dir.join("artifacts/tiny/4.0.0").exists());
+
     let failures = coordinator.cli_json(&["events", "--action", "artifact.failed"]);
-    assert_eq!(failures.as_array().unwrap().len(), 2, "{failures:#}");
+    assert_eq!(failures.as_array().unwrap().len(), 3, "{failures:#}");
 }
 
 #[test]

@@ -192,7 +192,9 @@ pub struct RoundRecord {
     pub selected: Vec<String>,
     /// Node ids that answered, with or without an update.
     pub reported: Vec<String>,
-    /// Node ids whose update is waiting in `updates/<id>/`, with their example counts.
+    /// Node ids whose update is in the aggregate (plaintext: waiting in `updates/<id>/`
+    /// until the round closes), with their example counts (0 in secure rounds, where the
+    /// coordinator does not learn them).
     pub contributors: BTreeMap<String, u64>,
     pub declined: u32,
     /// Examples behind the accepted updates.
@@ -402,6 +404,9 @@ pub struct Federations {
     /// messages when missing (after a restart).
     servers: Arc<Mutex<HashMap<String, Server>>>,
 }
+
+/// A secure round's outcome: the decoded sum of the weighted vectors and the nodes in it.
+type SecureSum = (Vec<f32>, Vec<String>);
 
 /// Default delta for the privacy accountant.
 const DEFAULT_DELTA: f64 = 1e-5;
@@ -1135,11 +1140,11 @@ impl Federations {
     }
 
     /// Closes the open round. `secure` carries a secure round's outcome: the decoded sum
-    /// of the weighted vectors and the number of contributors, or why it failed.
+    /// of the weighted vectors and the nodes in it, or why it failed.
     fn close_round(
         &self,
         fed: &mut FederationRecord,
-        secure: Option<Result<(Vec<f32>, usize), String>>,
+        secure: Option<Result<SecureSum, String>>,
     ) -> Result<(), FederationError> {
         let name = fed.name.clone();
         let mode = fed.adapter.mode;
@@ -1168,12 +1173,16 @@ impl Federations {
             let global_path = self.global_path(&name, global_round);
             let outcome: Result<AdapterTensors, String> = match secure {
                 Some(Err(reason)) => Err(reason),
-                Some(Ok((_, contributors))) if contributors < min => Err(format!(
-                    "{contributors} of {} selected nodes completed secure aggregation; the minimum is {min}",
+                Some(Ok((_, contributors))) if contributors.len() < min => Err(format!(
+                    "{} of {} selected nodes completed secure aggregation; the minimum is {min}",
+                    contributors.len(),
                     round.selected.len()
                 )),
                 Some(Ok((mut sum, contributors))) => {
-                    round.contributors = (0..contributors).map(|i| (format!("client-{i}"), 0)).collect();
+                    // Who is in the sum is known; what each sent and how many examples it
+                    // had are not (the weights travel inside the masked vectors).
+                    let count = contributors.len();
+                    round.contributors = contributors.into_iter().map(|node| (node, 0)).collect();
                     let global = AdapterTensors::from_safetensors(&std::fs::read(&global_path)?)?;
                     let layout = update_layout(mode, &global);
                     noise_reached = match (privacy.noise_multiplier > 0.0, privacy.distributed) {
@@ -1181,7 +1190,7 @@ impl Federations {
                         (true, true) => nanofleet_privacy::effective_noise_multiplier(
                             privacy.noise_multiplier,
                             round.selected.len() as u32,
-                            contributors as u32,
+                            count as u32,
                         )
                         .unwrap_or(0.0),
                         (true, false) => {

@@ -283,8 +283,8 @@ impl MessageFiles {
 pub enum StageOutcome {
     /// The next stage opened; each node gets its payload.
     Next(Vec<(String, Vec<u8>)>),
-    /// The unmask stage closed: the decoded sum and the number of contributors.
-    Sum(Vec<f32>, usize),
+    /// The unmask stage closed: the decoded sum and the nodes whose inputs are in it.
+    Sum(Vec<f32>, Vec<String>),
 }
 
 /// The server of `round` as it stood when its current stage opened plus the messages of
@@ -312,10 +312,12 @@ pub fn close_stage(
     now_ms: i64,
 ) -> Result<StageOutcome, SecAggError> {
     if let Some(aggregate) = server.close_stage()? {
-        return Ok(StageOutcome::Sum(
-            aggregate.decode(),
-            aggregate.contributors().len(),
-        ));
+        let contributors = aggregate
+            .contributors()
+            .iter()
+            .filter_map(|client| round.node_of(*client).cloned())
+            .collect();
+        return Ok(StageOutcome::Sum(aggregate.decode(), contributors));
     }
     let next = round
         .stage

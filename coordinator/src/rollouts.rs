@@ -17,7 +17,9 @@ use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::events::EventLog;
 use crate::now_unix_ms;
 use crate::registry::{NodeRecord, NodeStatus, Registry, RegistryError};
-use crate::store::{decode, encode, get_record, scan_records, Keyspace, KvStore, StoreError};
+use crate::store::{
+    decode, encode, get_record, put_record_durably, scan_records, Keyspace, KvStore, StoreError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
@@ -358,9 +360,12 @@ impl Rollouts {
     }
 
     fn save(&self, rollout: &Rollout) -> Result<(), StoreError> {
-        self.store
-            .put(Keyspace::Rollouts, rollout.id.as_bytes(), &encode(rollout))?;
-        self.store.flush()
+        put_record_durably(
+            &*self.store,
+            Keyspace::Rollouts,
+            rollout.id.as_bytes(),
+            rollout,
+        )
     }
 
     pub fn get(&self, id: &str) -> Result<Rollout, RolloutError> {

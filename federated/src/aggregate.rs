@@ -122,6 +122,19 @@ pub fn update_layout(mode: AggregationMode, global: &AdapterTensors) -> AdapterT
     expected
 }
 
+/// Values in one node's update for an adapter of `layout` (name, (rows, cols)): every
+/// matrix in FedAvg, the B halves in exact mode.
+pub fn update_element_count(mode: AggregationMode, layout: &[(String, (usize, usize))]) -> usize {
+    layout
+        .iter()
+        .filter(|(name, _)| {
+            mode == AggregationMode::FedAvg
+                || crate::tensors::parse_peft_name(name).is_some_and(|(_, _, h)| h == Half::B)
+        })
+        .map(|(_, (rows, cols))| rows * cols)
+        .sum()
+}
+
 /// The vector a node puts into secure aggregation: its delta scaled by its weight, then
 /// the weight itself, so that the sum yields both the weighted sum and the total weight
 /// and no node's example count is seen alone. `weight` is the node's examples over a
@@ -255,6 +268,20 @@ mod tests {
         assert_eq!(
             mean_from_weighted_sum(&layout, &[0.0; 13]),
             Err(AggregateError::Empty)
+        );
+        let layout_of = |t: &AdapterTensors| -> Vec<(String, (usize, usize))> {
+            t.matrices
+                .iter()
+                .map(|(n, m)| (n.clone(), (m.rows, m.cols)))
+                .collect()
+        };
+        assert_eq!(
+            update_element_count(AggregationMode::Exact, &layout_of(&g)),
+            layout.element_count()
+        );
+        assert_eq!(
+            update_element_count(AggregationMode::FedAvg, &layout_of(&g)),
+            g.element_count()
         );
         let next = apply_delta(&g, &mean).unwrap();
         assert_eq!(

@@ -17,7 +17,8 @@ pub mod spec;
 pub mod tensors;
 
 pub use aggregate::{
-    apply_delta, mean_from_weighted_sum, update_layout, weighted_vector, AggregateError, Aggregator,
+    apply_delta, mean_from_weighted_sum, update_element_count, update_layout, weighted_vector,
+    AggregateError, Aggregator,
 };
 pub use init::initial_adapter;
 pub use spec::{AdapterSpec, AggregationMode, SpecError, Target, TrainingPlan};

@@ -218,6 +218,44 @@ impl AdapterTensors {
         Ok(())
     }
 
+    /// Name → values, the form the trainer takes and gives.
+    pub fn to_vectors(&self) -> std::collections::HashMap<String, Vec<f32>> {
+        self.matrices
+            .iter()
+            .map(|(name, m)| (name.clone(), m.data.clone()))
+            .collect()
+    }
+
+    /// The inverse of [`Self::to_vectors`]: the matrices of `layout` (name, (rows, cols))
+    /// from `vectors`; every name of the layout must be there with its length.
+    pub fn from_vectors(
+        mut vectors: std::collections::HashMap<String, Vec<f32>>,
+        layout: &[(String, (usize, usize))],
+    ) -> Result<Self, TensorError> {
+        let mut out = AdapterTensors::default();
+        for (name, (rows, cols)) in layout {
+            let data = vectors
+                .remove(name)
+                .ok_or_else(|| TensorError::Missing(name.clone()))?;
+            if data.len() != rows * cols {
+                return Err(TensorError::Shape {
+                    name: name.clone(),
+                    got: (data.len(), 1),
+                    want: (*rows, *cols),
+                });
+            }
+            out.insert(
+                name.clone(),
+                Matrix {
+                    rows: *rows,
+                    cols: *cols,
+                    data,
+                },
+            )?;
+        }
+        Ok(out)
+    }
+
     /// safetensors bytes (F32, little-endian), with `metadata` in the header.
     pub fn to_safetensors(&self, metadata: Option<BTreeMap<String, String>>) -> Vec<u8> {
         let bytes: Vec<(&String, Vec<u8>, Vec<usize>)> = self
@@ -351,6 +389,29 @@ mod tests {
         assert!(matches!(
             AdapterTensors::from_safetensors(&bytes),
             Err(TensorError::NotFinite(_))
+        ));
+    }
+
+    #[test]
+    fn vectors_round_trip_against_a_layout() {
+        let t = sample();
+        let layout: Vec<(String, (usize, usize))> = t
+            .matrices
+            .iter()
+            .map(|(n, m)| (n.clone(), (m.rows, m.cols)))
+            .collect();
+        assert_eq!(
+            AdapterTensors::from_vectors(t.to_vectors(), &layout).unwrap(),
+            t
+        );
+        let mut short = t.to_vectors();
+        short.values_mut().next().unwrap().pop();
+        assert!(AdapterTensors::from_vectors(short, &layout).is_err());
+        let mut missing = t.to_vectors();
+        missing.remove(&layout[0].0);
+        assert!(matches!(
+            AdapterTensors::from_vectors(missing, &layout),
+            Err(TensorError::Missing(_))
         ));
     }
 

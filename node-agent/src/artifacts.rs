@@ -109,13 +109,6 @@ fn digest_of(hasher: Sha256) -> Sha256Digest {
     Sha256Digest::from_bytes(hasher.finalize().into())
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Health of a model that loaded and answered the smoke prompt (or of an adapter, which is
 /// proven with its base model).
 fn proven_health() -> ModelHealth {
@@ -273,7 +266,7 @@ impl ArtifactManager {
         })?;
         let signed = SignedManifest::from_json(signed_json)
             .map_err(|e| ApplyError::Refused(format!("manifest refused: {e}")))?;
-        let verified = trust::verify(&signed, trust, now_ms())
+        let verified = trust::verify(&signed, trust, crate::now_unix_ms().max(0) as u64)
             .map_err(|e| ApplyError::Refused(format!("signature refused: {e}")))?;
         Ok(verified.into_manifest())
     }

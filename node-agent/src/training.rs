@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use nanofleet_federated::{
-    initial_adapter, weighted_vector, AdapterTensors, AggregationMode, Matrix, Target,
+    initial_adapter, weighted_vector, AdapterTensors, AggregationMode, Target,
 };
 use nanofleet_inference::lora::LoraTarget;
 use nanofleet_proto::v1::{
@@ -134,7 +134,7 @@ async fn submit(client: &mut NodeServiceClient<Channel>, update: RoundUpdate, de
                 if matches!(
                     status.code(),
                     Code::Unavailable | Code::Unknown | Code::Cancelled
-                ) && now_unix_ms() + (delay.as_millis() as i64) < deadline_ms =>
+                ) && crate::now_unix_ms() + (delay.as_millis() as i64) < deadline_ms =>
             {
                 tracing::warn!(status = %status.message(), "coordinator unreachable; sending the update again");
                 tokio::time::sleep(delay).await;
@@ -146,13 +146,6 @@ async fn submit(client: &mut NodeServiceClient<Channel>, update: RoundUpdate, de
             }
         }
     }
-}
-
-fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn declined(round: &TrainRound, reason: String) -> RoundUpdate {
@@ -175,37 +168,6 @@ fn lora_target(target: Target) -> LoraTarget {
     }
 }
 
-fn to_map(tensors: &AdapterTensors) -> HashMap<String, Vec<f32>> {
-    tensors
-        .matrices
-        .iter()
-        .map(|(name, m)| (name.clone(), m.data.clone()))
-        .collect()
-}
-
-fn from_map(
-    map: HashMap<String, Vec<f32>>,
-    layout: &[(String, (usize, usize))],
-) -> Result<AdapterTensors, String> {
-    let mut out = AdapterTensors::default();
-    for (name, (rows, cols)) in layout {
-        let data = map
-            .get(name)
-            .cloned()
-            .ok_or_else(|| format!("the trainer returned no {name}"))?;
-        out.insert(
-            name.clone(),
-            Matrix {
-                rows: *rows,
-                cols: *cols,
-                data,
-            },
-        )
-        .map_err(|e| e.to_string())?;
-    }
-    Ok(out)
-}
-
 /// Seed of the node's local randomness (batches, dropout) for one round: fixed by the
 /// federation's seed and the round, so a rerun trains alike.
 fn round_seed(init_seed: u64, round: u32) -> u64 {
@@ -214,7 +176,7 @@ fn round_seed(init_seed: u64, round: u32) -> u64 {
 
 /// One round on this node; `Err` is the reason it declined.
 fn run_round(ctx: &TrainingContext, round: &TrainRound) -> Result<RoundUpdate, String> {
-    if round.deadline_unix_ms <= now_unix_ms() {
+    if round.deadline_unix_ms <= crate::now_unix_ms() {
         return Err("the round's deadline passed before it reached this node".into());
     }
     let spec = round.adapter.clone().unwrap_or_default();
@@ -254,7 +216,7 @@ fn run_round(ctx: &TrainingContext, round: &TrainRound) -> Result<RoundUpdate, S
             .map_err(|e| format!("the round's global adapter is unusable: {e}"))?
     };
     trainer
-        .set_adapter(&to_map(&global))
+        .set_adapter(&global.to_vectors())
         .map_err(|e| format!("the round's global adapter does not fit the base model: {e}"))?;
     let eval = if ctx.data.held_out.is_empty() {
         EvalMetrics::default()
@@ -300,7 +262,9 @@ fn run_round(ctx: &TrainingContext, round: &TrainRound) -> Result<RoundUpdate, S
     let report = trainer
         .train(&ctx.data.train, &options)
         .map_err(|e| e.to_string())?;
-    let local = from_map(trainer.adapter().map_err(|e| e.to_string())?, &layout)?;
+    let local =
+        AdapterTensors::from_vectors(trainer.adapter().map_err(|e| e.to_string())?, &layout)
+            .map_err(|e| format!("the trainer returned an adapter of another layout: {e}"))?;
     let mut delta = local.minus(&global).map_err(|e| e.to_string())?;
     if mode == AggregationMode::Exact {
         delta.retain(|half| half == nanofleet_federated::tensors::Half::B);

@@ -125,6 +125,43 @@ struct Schedule<'a> {
     clip_norm: &'a str,
 }
 
+/// A schedule with no extra flags and a loose clip bound.
+fn schedule<'a>(
+    mode: &'a str,
+    clients: usize,
+    min: usize,
+    rounds: u32,
+    timeout: &'a str,
+) -> Schedule<'a> {
+    Schedule {
+        mode,
+        clients,
+        min,
+        rounds,
+        timeout,
+        extra: &[],
+        clip_norm: "100",
+    }
+}
+
+/// Hangs `agent` (SIGSTOP: selected, connected, silent), starts federation `name` and waits
+/// until the other three of four nodes reported.
+fn start_with_one_node_hung(coordinator: &Coordinator, agent: &Agent, name: &str, s: Schedule) {
+    agent.pause();
+    create_federation(coordinator, name, s);
+    ok(&coordinator.cli(&["round", "start", name]));
+    wait_round(coordinator, name, "three of four report", |r| {
+        r["selected"] == 4 && r["reported"] == 3
+    });
+}
+
+/// Creates federation `name`, starts it and waits until it finished.
+fn run_federation(coordinator: &Coordinator, name: &str, s: Schedule, timeout: Duration) -> Value {
+    create_federation(coordinator, name, s);
+    ok(&coordinator.cli(&["round", "start", name]));
+    wait_federation(coordinator, name, "finished", timeout)
+}
+
 fn create_federation(coordinator: &Coordinator, name: &str, s: Schedule) {
     let rounds = s.rounds.to_string();
     let (min, clients) = (s.min.to_string(), s.clients.to_string());
@@ -238,22 +275,16 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 fn three_agents_three_exact_rounds_loss_falls_and_the_aggregate_is_the_average() {
     let fleet = fleet(&[40, 48, 56]);
     let c = &fleet.coordinator;
-    create_federation(
+    let done = run_federation(
         c,
         "valves",
         Schedule {
-            mode: "exact",
-            clients: 3,
-            min: 3,
-            rounds: 3,
-            timeout: "300s",
             // The control for the exact-average check: the coordinator sees each update.
             extra: &["--plaintext"],
-            clip_norm: "100",
+            ..schedule("exact", 3, 3, 3, "300s")
         },
+        Duration::from_secs(600),
     );
-    ok(&c.cli(&["round", "start", "valves"]));
-    let done = wait_federation(c, "valves", "finished", Duration::from_secs(600));
     let history = done["history"].as_array().unwrap();
     assert_eq!(
         history.len(),
@@ -455,24 +486,12 @@ fn agents_killed_mid_round_and_a_coordinator_restart_leave_rounds_correct() {
 
     // 1. A selected node dies mid-round; the minimum (3) allows: the round completes
     //    with the other three at its deadline.
-    fleet.agents[0].pause();
-    create_federation(
+    start_with_one_node_hung(
         &fleet.coordinator,
+        &fleet.agents[0],
         "min3",
-        Schedule {
-            mode: "fedavg",
-            clients: 4,
-            min: 3,
-            rounds: 1,
-            timeout: "15s",
-            extra: &[],
-            clip_norm: "100",
-        },
+        schedule("fedavg", 4, 3, 1, "15s"),
     );
-    ok(&fleet.coordinator.cli(&["round", "start", "min3"]));
-    wait_round(&fleet.coordinator, "min3", "three of four report", |r| {
-        r["selected"] == 4 && r["reported"] == 3
-    });
     fleet.agents[0].kill9();
     let done = wait_federation(
         &fleet.coordinator,
@@ -489,24 +508,12 @@ fn agents_killed_mid_round_and_a_coordinator_restart_leave_rounds_correct() {
     //    runs once the node is back.
     fleet.agents[0].restart();
     wait_online(&fleet.coordinator, 4);
-    fleet.agents[0].pause();
-    create_federation(
+    start_with_one_node_hung(
         &fleet.coordinator,
+        &fleet.agents[0],
         "min4",
-        Schedule {
-            mode: "fedavg",
-            clients: 4,
-            min: 4,
-            rounds: 1,
-            timeout: "15s",
-            extra: &[],
-            clip_norm: "100",
-        },
+        schedule("fedavg", 4, 4, 1, "15s"),
     );
-    ok(&fleet.coordinator.cli(&["round", "start", "min4"]));
-    wait_round(&fleet.coordinator, "min4", "three of four report", |r| {
-        r["selected"] == 4 && r["reported"] == 3
-    });
     fleet.agents[0].kill9();
     let failed = wait_round(&fleet.coordinator, "min4", "round 1 fails", |r| {
         r["state"] == "failed"
@@ -528,24 +535,12 @@ fn agents_killed_mid_round_and_a_coordinator_restart_leave_rounds_correct() {
     // 3. The coordinator dies while a round collects; after its restart the round carries
     //    on with the updates it had, and the late node's update completes it.
     wait_online(&fleet.coordinator, 4);
-    fleet.agents[3].pause();
-    create_federation(
+    start_with_one_node_hung(
         &fleet.coordinator,
+        &fleet.agents[3],
         "restart",
-        Schedule {
-            mode: "exact",
-            clients: 4,
-            min: 4,
-            rounds: 1,
-            timeout: "120s",
-            extra: &[],
-            clip_norm: "100",
-        },
+        schedule("exact", 4, 4, 1, "120s"),
     );
-    ok(&fleet.coordinator.cli(&["round", "start", "restart"]));
-    wait_round(&fleet.coordinator, "restart", "three of four report", |r| {
-        r["selected"] == 4 && r["reported"] == 3
-    });
     fleet.coordinator.kill9();
     fleet.coordinator.restart();
     let after = federation(&fleet.coordinator, "restart");
@@ -682,21 +677,15 @@ fn secure_aggregation_matches_plaintext_and_privacy_is_accounted() {
     let fleet = fleet(&[24, 32, 40]);
     let c = &fleet.coordinator;
     for (name, extra) in [("plain", &["--plaintext"][..]), ("secure", &[][..])] {
-        create_federation(
+        let done = run_federation(
             c,
             name,
             Schedule {
-                mode: "fedavg",
-                clients: 3,
-                min: 3,
-                rounds: 1,
-                timeout: "120s",
                 extra,
-                clip_norm: "100",
+                ..schedule("fedavg", 3, 3, 1, "120s")
             },
+            Duration::from_secs(300),
         );
-        ok(&c.cli(&["round", "start", name]));
-        let done = wait_federation(c, name, "finished", Duration::from_secs(300));
         assert_eq!(done["history"][0]["state"], "aggregated", "{done:#}");
         assert_eq!(done["history"][0]["contributors"], 3);
     }
@@ -759,15 +748,10 @@ fn secure_aggregation_matches_plaintext_and_privacy_is_accounted() {
 
     // Central DP with a budget: each round's epsilon is recorded and audited; the
     // federation stops before the round that would overspend.
-    create_federation(
+    let done = run_federation(
         c,
         "private",
         Schedule {
-            mode: "fedavg",
-            clients: 3,
-            min: 3,
-            rounds: 10,
-            timeout: "120s",
             // Weights near 1 (examples / cap), so that noise of std z·C on the sum is
             // of the order of the mean update rather than far above it.
             extra: &[
@@ -781,10 +765,10 @@ fn secure_aggregation_matches_plaintext_and_privacy_is_accounted() {
                 "30",
             ],
             clip_norm: "1",
+            ..schedule("fedavg", 3, 3, 10, "120s")
         },
+        Duration::from_secs(600),
     );
-    ok(&c.cli(&["round", "start", "private"]));
-    let done = wait_federation(c, "private", "finished", Duration::from_secs(600));
     let history = done["history"].as_array().unwrap();
     let training: Vec<&Value> = history
         .iter()
@@ -817,15 +801,10 @@ fn secure_aggregation_matches_plaintext_and_privacy_is_accounted() {
 
     // Distributed DP: the nodes add the noise in shares inside SecAgg+; the round is
     // accounted with the noise that reached the sum (all three shares here).
-    create_federation(
+    let done = run_federation(
         c,
         "shared-noise",
         Schedule {
-            mode: "fedavg",
-            clients: 3,
-            min: 3,
-            rounds: 1,
-            timeout: "120s",
             extra: &[
                 "--noise-multiplier",
                 "1.0",
@@ -834,10 +813,10 @@ fn secure_aggregation_matches_plaintext_and_privacy_is_accounted() {
                 "30",
             ],
             clip_norm: "1",
+            ..schedule("fedavg", 3, 3, 1, "120s")
         },
+        Duration::from_secs(300),
     );
-    ok(&c.cli(&["round", "start", "shared-noise"]));
-    let done = wait_federation(c, "shared-noise", "finished", Duration::from_secs(300));
     let first = &done["history"][0];
     assert_eq!(first["state"], "aggregated", "{done:#}");
     // One round at sampling rate 1 and z = 1 costs what the central round above did.

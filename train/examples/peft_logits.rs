@@ -22,7 +22,7 @@
 //! only its v_proj part (written as PEFT directories under LOGITS.subsets/, whose paths
 //! `subsets` gives). stdout: per prompt, the top 5 of each and the adapter's effect.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -141,12 +141,9 @@ fn train_and_export(args: &Args, dir: &PathBuf) {
     let mut trainer = Trainer::load(&args.gguf, spec).expect("loading the trainer");
     let layout = trainer.adapter_layout();
     let initial = nanofleet_federated::initial_adapter(&layout, 11).expect("initial adapter");
-    let initial: HashMap<String, Vec<f32>> = initial
-        .matrices
-        .into_iter()
-        .map(|(name, m)| (name, m.data))
-        .collect();
-    trainer.set_adapter(&initial).expect("setting the adapter");
+    trainer
+        .set_adapter(&initial.to_vectors())
+        .expect("setting the adapter");
     let options = TrainOptions {
         steps: args.train_steps,
         learning_rate: args.lr,

@@ -19,7 +19,6 @@
 //! first round: A uniform ±1/√in, B zero). Prints one JSON line: median seconds per step,
 //! tokens per second (batch × seq / median) and peak RSS (VmHWM).
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -166,12 +165,9 @@ fn main() {
     let load_seconds = load_started.elapsed().as_secs_f64();
     let initial = nanofleet_federated::initial_adapter(&trainer.adapter_layout(), 7)
         .expect("initial adapter");
-    let initial: HashMap<String, Vec<f32>> = initial
-        .matrices
-        .into_iter()
-        .map(|(name, m)| (name, m.data))
-        .collect();
-    trainer.set_adapter(&initial).expect("setting the adapter");
+    trainer
+        .set_adapter(&initial.to_vectors())
+        .expect("setting the adapter");
 
     let options = TrainOptions {
         steps: 1,

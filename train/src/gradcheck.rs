@@ -165,16 +165,12 @@ fn gradients_match_finite_differences() {
     assert!(checked >= 8, "{checked}");
 }
 
-/// The trained forward with an adapter gives the logits that the engine serving the same
-/// adapter gives: what is trained is what is served.
-#[test]
-fn forward_equals_the_engine_with_the_same_adapter() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = tiny_llama(dir.path());
-    let trainer = trainer(&path);
-    let sequence = &sequences(&trainer)[0];
-    let tokens = &sequence.tokens[..sequence.tokens.len() - 1];
-    let input = Tensor::new(tokens, &Device::Cpu)
+/// The first example's prompt tokens and the next-token logits after them, from the
+/// trainer's forward and from the serving engine with the trainer's adapter.
+fn trained_and_served_logits(trainer: &Trainer) -> (Vec<u32>, Vec<f32>, Vec<f32>) {
+    let sequence = &sequences(trainer)[0];
+    let tokens = sequence.tokens[..sequence.tokens.len() - 1].to_vec();
+    let input = Tensor::new(tokens.as_slice(), &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
         .unwrap();
@@ -190,8 +186,20 @@ fn forward_equals_the_engine_with_the_same_adapter() {
     let served = trainer
         .serving_engine()
         .unwrap()
-        .next_token_logits(tokens)
+        .next_token_logits(&tokens)
         .unwrap();
+    (tokens, ours, served)
+}
+
+/// The trained forward with an adapter gives the logits that the engine serving the same
+/// adapter gives: what is trained is what is served.
+#[test]
+fn forward_equals_the_engine_with_the_same_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_llama(dir.path());
+    let trainer = trainer(&path);
+    let (tokens, ours, served) = trained_and_served_logits(&trainer);
+    let tokens = &tokens;
     let base = nanofleet_inference::Engine::load(&path, Default::default())
         .unwrap()
         .next_token_logits(tokens)
@@ -224,26 +232,7 @@ fn forward_equals_the_engine_with_the_same_adapter() {
 fn real_model_parity_and_step_time() {
     let path = std::env::var_os("NANOFLEET_TRAIN_GGUF").expect("set NANOFLEET_TRAIN_GGUF");
     let mut trainer = trainer(Path::new(&path));
-    let sequence = &sequences(&trainer)[0];
-    let tokens = &sequence.tokens[..sequence.tokens.len() - 1];
-    let input = Tensor::new(tokens, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let last = Tensor::new(&[tokens.len() as u32 - 1], &Device::Cpu).unwrap();
-    let ours = trainer
-        .model()
-        .logits_at(&input, &last, &mut Mode::Eval)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let served = trainer
-        .serving_engine()
-        .unwrap()
-        .next_token_logits(tokens)
-        .unwrap();
+    let (_, ours, served) = trained_and_served_logits(&trainer);
     let max_diff = ours
         .iter()
         .zip(&served)

@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use nanofleet_federated::{
-    apply_delta, initial_adapter, mean_from_weighted_sum, update_layout, AdapterSpec,
-    AdapterTensors, AggregateError, Aggregator, SpecError, TensorError, TrainingPlan,
+    apply_delta, initial_adapter, mean_from_weighted_sum, update_element_count, update_layout,
+    AdapterSpec, AdapterTensors, AggregateError, Aggregator, SpecError, TensorError, TrainingPlan,
 };
 use nanofleet_privacy::{GaussianSampler, PrivacyLedger, RoundEvent};
 use nanofleet_secagg::Server;
@@ -36,7 +36,7 @@ use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::events::EventLog;
 use crate::now_unix_ms;
 use crate::registry::{NodeRecord, NodeStatus, PowerSource, Registry, RegistryError};
-use crate::store::{encode, get_record, scan_records, Keyspace, KvStore, StoreError};
+use crate::store::{get_record, put_record_durably, scan_records, Keyspace, KvStore, StoreError};
 
 const MAX_REASON: usize = 512;
 
@@ -437,9 +437,12 @@ impl Federations {
     }
 
     fn save(&self, fed: &FederationRecord) -> Result<(), StoreError> {
-        self.store
-            .put(Keyspace::Federations, fed.name.as_bytes(), &encode(fed))?;
-        self.store.flush()
+        put_record_durably(
+            &*self.store,
+            Keyspace::Federations,
+            fed.name.as_bytes(),
+            fed,
+        )
     }
 
     pub fn get(&self, name: &str) -> Result<FederationRecord, FederationError> {
@@ -781,8 +784,7 @@ impl Federations {
                         .check_message(node_id, &sub.secagg_advertise)
                         .map_err(FederationError::BadUpdate)?;
                     // The node's vector: its update's values and its weight.
-                    let layout_len = initial_adapter(&sub.layout, 0)
-                        .map(|l| update_layout(snapshot.adapter.mode, &l).element_count() + 1)?;
+                    let layout_len = update_element_count(snapshot.adapter.mode, &sub.layout) + 1;
                     let want = expected.element_count() + 1;
                     if layout_len != want || (secure.vector_len != 0 && secure.vector_len != want) {
                         return Err(FederationError::BadUpdate(format!(
@@ -1357,7 +1359,8 @@ mod tests {
         ]
     }
 
-    fn b_update(value: f32) -> Vec<u8> {
+    /// An exact-mode update: the q B matrix of layer 0, every value `value`.
+    fn b_delta(value: f32) -> AdapterTensors {
         let mut t = AdapterTensors::default();
         t.insert(
             peft_name(0, Target::Q, Half::B),
@@ -1368,7 +1371,7 @@ mod tests {
             },
         )
         .unwrap();
-        t.to_safetensors(None)
+        t
     }
 
     struct Setup {
@@ -1454,7 +1457,7 @@ mod tests {
     fn update(value: f32, examples: u64) -> Submission {
         Submission {
             round_id: "r1".into(),
-            delta: b_update(value),
+            delta: b_delta(value).to_safetensors(None),
             layout: layout(),
             examples,
             eval_examples: 4,
@@ -1636,18 +1639,7 @@ mod tests {
             .enumerate()
             .map(|(i, id)| {
                 let setup = secure.client_setup(id).unwrap();
-                let value = 0.1 * (i + 1) as f32;
-                let mut delta = AdapterTensors::default();
-                delta
-                    .insert(
-                        peft_name(0, Target::Q, Half::B),
-                        Matrix {
-                            rows: 6,
-                            cols: 2,
-                            data: vec![value; 12],
-                        },
-                    )
-                    .unwrap();
+                let delta = b_delta(0.1 * (i + 1) as f32);
                 let weight = (10 * (i + 1)) as f32 / 100.0;
                 let vector = nanofleet_federated::weighted_vector(&delta, weight);
                 let config = nanofleet_secagg::Config {

@@ -94,6 +94,17 @@ pub fn scan_records<T: serde::de::DeserializeOwned>(
         .collect()
 }
 
+/// Encodes and writes one record, and returns once it is on disk.
+pub fn put_record_durably<T: serde::Serialize>(
+    store: &dyn KvStore,
+    space: Keyspace,
+    key: &[u8],
+    value: &T,
+) -> Result<(), StoreError> {
+    store.put(space, key, &encode(value))?;
+    store.flush()
+}
+
 /// Encodes a record for storage.
 pub fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records serialize: string keys, no non-finite floats")

@@ -9,9 +9,9 @@
 pub mod adapters;
 pub mod api;
 pub mod artifacts;
+pub mod audit_log;
 pub mod capture;
 pub mod config;
-pub mod events;
 pub mod federations;
 pub mod http;
 pub mod identity;
@@ -20,6 +20,7 @@ pub mod registry;
 pub mod rollouts;
 pub mod server;
 pub mod sessions;
+pub mod signing_keys;
 pub mod store;
 pub mod telemetry;
 

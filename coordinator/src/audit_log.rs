@@ -269,6 +269,28 @@ impl AuditLog {
         Ok(first)
     }
 
+    /// Records `content` (a configuration file's text) as an entry when it differs from
+    /// what was last recorded under `subject`; true when it did. Files edited on the host
+    /// while the coordinator runs (the trust policy) are noticed where they are read.
+    pub fn record_if_changed(
+        &self,
+        action: &str,
+        subject: &str,
+        content: &str,
+    ) -> Result<bool, AuditError> {
+        let key = format!("recorded:{subject}").into_bytes();
+        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(content.as_bytes()));
+        if self.store.get(Keyspace::AuditState, &key)?.as_deref() == Some(digest.as_bytes()) {
+            return Ok(false);
+        }
+        let details = format!("sha256 {digest}: {content}");
+        self.append("coordinator", action, subject, &details)?;
+        self.store
+            .put(Keyspace::AuditState, &key, digest.as_bytes())?;
+        self.store.flush()?;
+        Ok(true)
+    }
+
     /// How many entries the log has committed.
     pub fn size(&self) -> u64 {
         self.state.lock().expect("audit lock").range.size()
@@ -642,6 +664,30 @@ mod tests {
         };
         let partial = log.export_page(head.head.size, 0, &others, true).unwrap();
         verify_export(&head, &log.public_key(), &partial).unwrap();
+    }
+
+    #[test]
+    fn configuration_is_recorded_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = open(dir.path());
+            assert!(log
+                .record_if_changed("trust.policy", "trust.json", "{}")
+                .unwrap());
+            assert!(!log
+                .record_if_changed("trust.policy", "trust.json", "{}")
+                .unwrap());
+        }
+        let log = open(dir.path());
+        assert!(!log
+            .record_if_changed("trust.policy", "trust.json", "{}")
+            .unwrap());
+        assert!(log
+            .record_if_changed("trust.policy", "trust.json", "{\"k\":1}")
+            .unwrap());
+        let recorded = log.entries(0, log.size(), &AuditFilter::default()).unwrap();
+        assert_eq!(recorded.len(), 2);
+        assert!(recorded[1].entry.details().ends_with("{\"k\":1}"));
     }
 
     #[test]

@@ -114,6 +114,9 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         "configuration",
         &serde_json::to_string(&config).unwrap_or_default(),
     )?;
+    if let Some(text) = artifacts.trust_policy_text() {
+        events.record_if_changed("trust.policy", crate::artifacts::TRUST_POLICY_FILE, &text)?;
+    }
     let federations = Federations::open(
         store.clone(),
         registry.clone(),

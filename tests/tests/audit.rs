@@ -6,7 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use nanofleet_coordinator::store::{Keyspace, KvStore, SledStore};
-use nanofleet_e2e::{ok, path, Agent, Coordinator};
+use nanofleet_e2e::fleet::{publish, trusted_key};
+use nanofleet_e2e::{ok, path, tiny_gguf, Agent, Coordinator};
 
 fn audit_key(coordinator: &Coordinator) -> String {
     path(&coordinator.dir.join("audit-signing.pub"))
@@ -57,6 +58,12 @@ fn the_audit_log_records_the_fleet_and_detects_tampering() {
     let agent = Agent::start(root.path(), "a", &coordinator, &token);
     let node = agent.wait_enrolled();
     ok(&coordinator.cli(&["nodes", "revoke", &node, "--reason", "device lost"]));
+    // A trust policy edited on the host while the coordinator runs is recorded when the
+    // next publish reads it.
+    let (key, _) = trusted_key(&coordinator, root.path(), "publisher", "tiny*");
+    let model = root.path().join("tiny.gguf");
+    std::fs::write(&model, tiny_gguf(1)).unwrap();
+    publish(&coordinator, &model, "tiny", "1.0.0", &key, "65536");
     let work: PathBuf = root.path().join("audit");
     std::fs::create_dir_all(&work).unwrap();
 

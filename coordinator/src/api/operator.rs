@@ -25,7 +25,7 @@ use super::convert::{audit_filter_from_proto, audit_leaf_to_proto, tree_head_to_
 use super::{authorized_operator, status_of, status_of_artifact, status_of_audit};
 use super::{deliver, status_of_adapter, status_of_federation, status_of_rollout};
 use crate::adapters::{self, AdapterRelease};
-use crate::artifacts::{ArtifactError, ArtifactRecord, ArtifactStore};
+use crate::artifacts::{ArtifactError, ArtifactRecord, ArtifactStore, TRUST_POLICY_FILE};
 use crate::audit_log::{self, AuditFilter, AuditLog};
 use crate::federations::secure::SecureOptions;
 use crate::federations::{
@@ -215,6 +215,7 @@ impl OperatorService for OperatorApi {
         let operator = authorized_operator(&request)?;
         let actor = format!("operator:{operator}");
         let mut subject = String::from("(unknown)");
+        self.record_trust_policy()?;
         let result = self
             .receive_artifact(&operator, request.into_inner(), &mut subject)
             .await;
@@ -512,6 +513,7 @@ impl OperatorService for OperatorApi {
             min_exact_match: r.min_exact_match,
         };
         let subject = format!("{}@{}", release.name, release.version);
+        self.record_trust_policy()?;
         let result = tokio::task::block_in_place(|| {
             adapters::publish(
                 &self.federations,
@@ -620,6 +622,18 @@ impl OperatorService for OperatorApi {
 }
 
 impl OperatorApi {
+    /// Records the trust policy the next publish is checked against, when it changed.
+    fn record_trust_policy(&self) -> Result<(), Status> {
+        if let Some(text) = self.artifacts.trust_policy_text() {
+            tokio::task::block_in_place(|| {
+                self.events
+                    .record_if_changed("trust.policy", TRUST_POLICY_FILE, &text)
+            })
+            .map_err(status_of_audit)?;
+        }
+        Ok(())
+    }
+
     /// A requested tree size: 0 means the log's current size; more than it is refused.
     fn audit_size(&self, requested: u64) -> Result<u64, Status> {
         let size = self.events.size();

@@ -39,6 +39,10 @@ pub struct CoordinatorConfig {
     /// per call), for audits of what devices sent. Off by default; the files hold what
     /// nodes sent, so keep the directory as private as the data directory.
     pub wire_capture_dir: Option<PathBuf>,
+    /// OTLP collector (gRPC, plaintext), e.g. `http://127.0.0.1:4317`: spans and metrics
+    /// are exported there besides `/metrics`. Unset: no export. An unreachable collector
+    /// is logged, never fatal; `OTEL_METRIC_EXPORT_INTERVAL` (ms) sets the metrics period.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for CoordinatorConfig {
@@ -55,6 +59,7 @@ impl Default for CoordinatorConfig {
             rollout_wave_timeout_secs: 600,
             log: "info".to_owned(),
             wire_capture_dir: None,
+            otlp_endpoint: None,
         }
     }
 }
@@ -79,6 +84,7 @@ impl CoordinatorConfig {
                 "rollout_wave_timeout_secs",
                 "log",
                 "wire_capture_dir",
+                "otlp_endpoint",
             ],
             flags,
         )

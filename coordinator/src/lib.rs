@@ -13,6 +13,7 @@ pub mod capture;
 pub mod config;
 pub mod events;
 pub mod federations;
+pub mod fleet_telemetry;
 pub mod http;
 pub mod identity;
 pub mod pki;

@@ -127,6 +127,13 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         sessions.clone(),
         config.heartbeat_interval_secs,
     )?);
+    let fleet_telemetry = crate::fleet_telemetry::FleetTelemetry::new(store.clone());
+    let _fleet_metrics = crate::fleet_telemetry::register_metrics(
+        &telemetry.meter(),
+        fleet_telemetry.clone(),
+        registry.clone(),
+        artifacts.clone(),
+    );
 
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
@@ -187,6 +194,7 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         rollout_engine: engine_wake.clone(),
         federations: federations.clone(),
         federation_engine: federation_wake.clone(),
+        telemetry: fleet_telemetry.clone(),
     })
     .max_decoding_message_size(limit.max(config.max_update_bytes));
     let operator = OperatorServiceServer::new(OperatorApi {
@@ -201,6 +209,7 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         federation_engine: federation_wake.clone(),
         heartbeat_interval_secs: interval,
         max_token_ttl_secs: config.max_token_ttl_secs,
+        telemetry: fleet_telemetry,
     })
     .max_decoding_message_size(limit);
 

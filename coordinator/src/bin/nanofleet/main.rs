@@ -613,7 +613,7 @@ async fn nodes(cli: &Cli, command: &NodesCommand) -> anyhow::Result<()> {
 }
 
 fn print_telemetry(t: &pb::NodeTelemetry, json_output: bool) -> anyhow::Result<()> {
-    let system = t.system.clone();
+    let system = t.system;
     if json_output {
         let models: Vec<_> = t
             .models

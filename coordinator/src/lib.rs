@@ -14,6 +14,7 @@ pub mod audit_log;
 pub mod capture;
 pub mod config;
 pub mod federations;
+pub mod fleet_telemetry;
 pub mod http;
 pub mod identity;
 pub mod otlp;

@@ -144,6 +144,13 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
     if let Some(endpoint) = &config.otlp_endpoint {
         tokio::spawn(crate::otlp::warn_if_unreachable(endpoint.clone()));
     }
+    let fleet_telemetry = crate::fleet_telemetry::FleetTelemetry::new(store.clone());
+    let _fleet_metrics = crate::fleet_telemetry::register_metrics(
+        &telemetry.meter(),
+        fleet_telemetry.clone(),
+        registry.clone(),
+        artifacts.clone(),
+    );
 
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
@@ -205,6 +212,7 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         rollout_engine: engine_wake.clone(),
         federations: federations.clone(),
         federation_engine: federation_wake.clone(),
+        telemetry: fleet_telemetry.clone(),
     })
     .max_decoding_message_size(limit.max(config.max_update_bytes));
     let operator = OperatorServiceServer::new(OperatorApi {
@@ -219,6 +227,7 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         federation_engine: federation_wake.clone(),
         heartbeat_interval_secs: interval,
         max_token_ttl_secs: config.max_token_ttl_secs,
+        telemetry: fleet_telemetry,
     })
     .max_decoding_message_size(limit);
 

@@ -143,6 +143,11 @@ impl Telemetry {
         }
     }
 
+    /// A meter exporting into the same registry, for instruments other modules own.
+    pub fn meter(&self) -> opentelemetry::metrics::Meter {
+        self.provider.meter("nanofleet-coordinator")
+    }
+
     /// The current metrics in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = Vec::new();

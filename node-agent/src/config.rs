@@ -63,6 +63,13 @@ pub struct AgentConfig {
     pub holdout_fraction: f64,
     /// Memory the trainer may use, MiB; a round whose estimate exceeds it is declined.
     pub training_memory_budget_mib: Option<u64>,
+    /// Seconds per telemetry record (served requests, tokens, speed, latency, errors,
+    /// active versions, memory, CPU, power, events); 0 turns telemetry off. Records are
+    /// queued in `<data_dir>/telemetry` and sent to the coordinator while it is reachable.
+    pub telemetry_interval_secs: u64,
+    /// Records the telemetry queue keeps while the coordinator is unreachable; when it is
+    /// full the oldest are dropped, and their count is reported.
+    pub telemetry_queue_max_records: usize,
 }
 
 impl Default for AgentConfig {
@@ -89,6 +96,9 @@ impl Default for AgentConfig {
             training_data: None,
             holdout_fraction: 0.2,
             training_memory_budget_mib: None,
+            telemetry_interval_secs: 10,
+            // A day at the default interval.
+            telemetry_queue_max_records: 8640,
         }
     }
 }
@@ -118,6 +128,8 @@ impl AgentConfig {
                 "training_data",
                 "holdout_fraction",
                 "training_memory_budget_mib",
+                "telemetry_interval_secs",
+                "telemetry_queue_max_records",
             ],
             flags,
         )

@@ -40,7 +40,7 @@ fn read_trimmed(path: &Path) -> Option<String> {
 
 /// Power source from the kernel's power-supply class: a battery that is present makes
 /// a battery device (charging when plugged in); otherwise mains.
-fn power(dir: &Path) -> (PowerSource, Option<f32>, bool) {
+pub(crate) fn power(dir: &Path) -> (PowerSource, Option<f32>, bool) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return (PowerSource::Mains, None, false);
     };

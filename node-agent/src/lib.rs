@@ -11,6 +11,7 @@ pub mod identity;
 pub mod local_api;
 pub mod models;
 pub mod session;
+pub mod telemetry;
 pub mod training;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).

@@ -69,13 +69,15 @@ pub struct VersionStats {
     /// Decode speed over all requests: generated tokens after the first, per second.
     pub generation_tokens_per_second: f64,
     pub mean_time_to_first_token_ms: f64,
+    pub p50_latency_ms: f64,
     pub p95_latency_ms: f64,
+    // Running sums the rates above come from; telemetry takes their changes per period.
     #[serde(skip)]
-    generation_secs: f64,
+    pub(crate) generation_secs: f64,
     #[serde(skip)]
-    decoded_tokens: u64,
+    pub(crate) decoded_tokens: u64,
     #[serde(skip)]
-    ttft_ms_total: f64,
+    pub(crate) ttft_ms_total: f64,
     #[serde(skip)]
     latencies_ms: VecDeque<f64>,
 }
@@ -115,10 +117,14 @@ impl VersionStats {
         };
         let mut sorted: Vec<f64> = self.latencies_ms.iter().copied().collect();
         sorted.sort_by(f64::total_cmp);
-        self.p95_latency_ms = sorted
-            .get((sorted.len() * 95).div_ceil(100).saturating_sub(1))
-            .copied()
-            .unwrap_or(0.0);
+        let percentile = |p: usize| {
+            sorted
+                .get((sorted.len() * p).div_ceil(100).saturating_sub(1))
+                .copied()
+                .unwrap_or(0.0)
+        };
+        self.p50_latency_ms = percentile(50);
+        self.p95_latency_ms = percentile(95);
     }
 
     /// Share of requests that failed, 0..1.
@@ -131,11 +137,34 @@ impl VersionStats {
     }
 }
 
+/// Something that happened to the served models, kept for the agent's telemetry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostEvent {
+    pub time_unix_ms: i64,
+    /// "model.activated", "model.deactivated" or "request.error".
+    pub kind: &'static str,
+    /// `name@version`, or the name alone when no version applies.
+    pub subject: String,
+    pub detail: String,
+}
+
+/// Events kept until telemetry takes them; older ones are dropped and counted, so a
+/// device without telemetry (or a burst of failing requests) stays bounded.
+const MAX_PENDING_EVENTS: usize = 256;
+
+/// Pending events and how many fell out since they were last taken.
+#[derive(Default)]
+struct EventBuffer {
+    events: VecDeque<HostEvent>,
+    dropped: u64,
+}
+
 /// The served models by artifact name, and their counters.
 pub struct ModelHost {
     options: HostOptions,
     served: RwLock<BTreeMap<String, Arc<ServedModel>>>,
     stats: Mutex<BTreeMap<(String, String), VersionStats>>,
+    events: Mutex<EventBuffer>,
 }
 
 impl ModelHost {
@@ -144,7 +173,29 @@ impl ModelHost {
             options,
             served: RwLock::new(BTreeMap::new()),
             stats: Mutex::new(BTreeMap::new()),
+            events: Mutex::new(EventBuffer::default()),
         }
+    }
+
+    fn note(&self, kind: &'static str, subject: String, detail: String) {
+        let mut buffer = self.events.lock().expect("event lock");
+        if buffer.events.len() == MAX_PENDING_EVENTS {
+            buffer.events.pop_front();
+            buffer.dropped += 1;
+        }
+        buffer.events.push_back(HostEvent {
+            time_unix_ms: crate::now_unix_ms(),
+            kind,
+            subject,
+            detail,
+        });
+    }
+
+    /// The events since the last call, oldest first, and how many were dropped meanwhile.
+    pub fn take_events(&self) -> (Vec<HostEvent>, u64) {
+        let mut buffer = self.events.lock().expect("event lock");
+        let dropped = std::mem::take(&mut buffer.dropped);
+        (buffer.events.drain(..).collect(), dropped)
     }
 
     /// Loads `file` (with `lora` applied, for an adapter served on its base model) and runs
@@ -181,19 +232,29 @@ impl ModelHost {
     /// Makes `model` the one served under its name; requests in flight keep the old one.
     pub fn activate(&self, model: ServedModel) {
         let name = model.name.clone();
+        let subject = format!("{}@{}", model.name, model.version);
         let previous = self
             .served
             .write()
             .expect("served-model lock")
             .insert(name.clone(), Arc::new(model));
-        if let Some(previous) = previous {
-            tracing::info!(%name, replaced = %previous.version, "model swapped");
-        }
+        let detail = match &previous {
+            Some(previous) => {
+                tracing::info!(%name, replaced = %previous.version, "model swapped");
+                format!("replaced {}", previous.version)
+            }
+            None => String::new(),
+        };
+        self.note("model.activated", subject, detail);
     }
 
     /// Stops serving `name` (requests in flight finish).
     pub fn deactivate(&self, name: &str) {
-        self.served.write().expect("served-model lock").remove(name);
+        let removed = self.served.write().expect("served-model lock").remove(name);
+        if let Some(removed) = removed {
+            let subject = format!("{}@{}", removed.name, removed.version);
+            self.note("model.deactivated", subject, String::new());
+        }
     }
 
     /// The model served under `name`, held for the length of a request.
@@ -219,17 +280,28 @@ impl ModelHost {
             .collect()
     }
 
-    /// Counts one request against the version that served it.
-    pub fn record(&self, model: &ServedModel, latency: Duration, outcome: Result<&Completion, ()>) {
-        let mut stats = self.stats.lock().expect("stats lock");
-        stats
-            .entry((model.name.clone(), model.version.clone()))
-            .or_insert_with(|| VersionStats {
-                name: model.name.clone(),
-                version: model.version.clone(),
-                ..VersionStats::default()
-            })
-            .record(latency, outcome);
+    /// Counts one request against the version that served it; a failure is also an event.
+    pub fn record(
+        &self,
+        model: &ServedModel,
+        latency: Duration,
+        outcome: Result<&Completion, &InferenceError>,
+    ) {
+        {
+            let mut stats = self.stats.lock().expect("stats lock");
+            stats
+                .entry((model.name.clone(), model.version.clone()))
+                .or_insert_with(|| VersionStats {
+                    name: model.name.clone(),
+                    version: model.version.clone(),
+                    ..VersionStats::default()
+                })
+                .record(latency, outcome.map_err(|_| ()));
+        }
+        if let Err(error) = outcome {
+            let subject = format!("{}@{}", model.name, model.version);
+            self.note("request.error", subject, error.to_string());
+        }
     }
 
     /// Counters of every version that served since the agent started.

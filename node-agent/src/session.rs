@@ -49,6 +49,8 @@ pub struct SessionOptions {
     pub artifacts: Arc<ArtifactManager>,
     /// Local training data and trainer settings; `None`: the node declines every round.
     pub training: Option<Arc<TrainingContext>>,
+    /// The telemetry queue this session sends from; `None`: telemetry is off.
+    pub telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 }
 
 /// Where the session hands its commands: artifact assignments and round work.
@@ -197,6 +199,11 @@ async fn connect_once(
         heartbeat_secs = interval.as_secs(),
         "connected to the coordinator"
     );
+    // Sends queued telemetry beside the heartbeats; stops when this connection ends.
+    let _telemetry = options
+        .telemetry
+        .clone()
+        .map(|telemetry| crate::telemetry::start_sender(telemetry, client.clone()));
 
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

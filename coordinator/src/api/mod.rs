@@ -160,6 +160,15 @@ pub fn status_of_artifact(error: &crate::artifacts::ArtifactError) -> Status {
     }
 }
 
+/// Maps a telemetry error to the status a node or operator sees.
+pub fn status_of_telemetry(error: crate::fleet_telemetry::TelemetryError) -> Status {
+    use crate::fleet_telemetry::TelemetryError as E;
+    match error {
+        E::Invalid(_) => Status::invalid_argument(error.to_string()),
+        E::Store(e) => status_of(e.into()),
+    }
+}
+
 /// The calling node, authenticated against the registry on every call, so that a
 /// revocation takes effect on the node's next call.
 fn authorized_node<T>(registry: &Registry, request: &Request<T>) -> Result<NodeRecord, Status> {

@@ -45,6 +45,7 @@ pub struct NodeApi {
     pub federations: Federations,
     /// Wakes the federation engine: the last update of a round closes it now.
     pub federation_engine: Arc<Notify>,
+    pub telemetry: crate::fleet_telemetry::FleetTelemetry,
 }
 
 type CommandStream = Pin<Box<dyn Stream<Item = Result<Command, Status>> + Send>>;
@@ -449,5 +450,26 @@ impl NodeService for NodeApi {
             })?;
         self.federation_engine.notify_one();
         Ok(Response::new(RoundUpdateAck {}))
+    }
+
+    async fn report_telemetry(
+        &self,
+        request: Request<nanofleet_proto::v1::TelemetryBatch>,
+    ) -> Result<Response<nanofleet_proto::v1::TelemetryAck>, Status> {
+        let node = authorized_node(&self.registry, &request)?;
+        let batch = request.into_inner();
+        let span = tracing::info_span!("telemetry", node = %node.id, records = batch.records.len());
+        let telemetry = self.telemetry.clone();
+        let node_id = node.id.clone();
+        let applied = blocking(move || span.in_scope(|| telemetry.apply(&node_id, &batch)))
+            .await
+            .map_err(|_| Status::internal("the coordinator failed to store the telemetry"))?
+            .map_err(|e| {
+                tracing::warn!(node = %node.id, error = %e, "telemetry refused");
+                super::status_of_telemetry(e)
+            })?;
+        Ok(Response::new(nanofleet_proto::v1::TelemetryAck {
+            applied_sequence: applied,
+        }))
     }
 }

@@ -51,6 +51,7 @@ pub struct OperatorApi {
     pub federation_engine: std::sync::Arc<tokio::sync::Notify>,
     pub heartbeat_interval_secs: u32,
     pub max_token_ttl_secs: u64,
+    pub telemetry: crate::fleet_telemetry::FleetTelemetry,
 }
 
 impl OperatorApi {
@@ -539,6 +540,21 @@ impl OperatorService for OperatorApi {
                 Err(status_of_adapter(error))
             }
         }
+    }
+
+    async fn get_node_telemetry(
+        &self,
+        request: Request<nanofleet_proto::v1::GetNodeTelemetryRequest>,
+    ) -> Result<Response<nanofleet_proto::v1::NodeTelemetry>, Status> {
+        authorized_operator(&request)?;
+        let id = request.into_inner().id;
+        let registry = self.registry.clone();
+        let telemetry = self.telemetry.clone();
+        let found = tokio::task::block_in_place(|| {
+            registry.node(&id).map_err(status_of)?;
+            telemetry.get(&id).map_err(super::status_of_telemetry)
+        })?;
+        Ok(Response::new(crate::fleet_telemetry::to_proto(&found)))
     }
 
     async fn get_audit_head(

@@ -31,6 +31,8 @@ pub enum Keyspace {
     NodeArtifacts,
     /// Federation name → federation record with its round history.
     Federations,
+    /// Node id → the node's applied telemetry: totals and the highest applied sequence.
+    Telemetry,
 }
 
 impl Keyspace {
@@ -46,6 +48,7 @@ impl Keyspace {
             Keyspace::Desired => "desired",
             Keyspace::NodeArtifacts => "node_artifacts",
             Keyspace::Federations => "federations",
+            Keyspace::Telemetry => "telemetry",
         }
     }
 }

@@ -14,9 +14,11 @@ use nanofleet_agent::identity::Identity;
 use nanofleet_agent::local_api::{self, ApiOptions};
 use nanofleet_agent::models::{HostOptions, ModelHost};
 use nanofleet_agent::session::{self, SessionOptions};
+use nanofleet_agent::telemetry::{self, Telemetry};
 use nanofleet_agent::training::{LocalData, TrainingContext};
 use nanofleet_artifact::trust::TrustPolicy;
 use serde::Serialize;
+use tracing::Instrument;
 
 #[derive(Parser)]
 #[command(name = "nanofleet-agent", version, about = "nanofleet device agent")]
@@ -79,6 +81,12 @@ struct Flags {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     training_data: Option<PathBuf>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    telemetry_interval_secs: Option<u64>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    telemetry_queue_max_records: Option<usize>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -260,6 +268,18 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let telemetry = match config.telemetry_interval_secs {
+        0 => None,
+        secs => {
+            let telemetry = Telemetry::open(&config.data_dir, config.telemetry_queue_max_records)
+                .context("opening the telemetry queue")?;
+            tokio::spawn(
+                telemetry::run_sampler(telemetry.clone(), host.clone(), Duration::from_secs(secs))
+                    .instrument(tracing::info_span!("telemetry_sampler")),
+            );
+            Some(telemetry)
+        }
+    };
     let mut artifacts =
         ArtifactManager::new(&config.data_dir, trust, config.download_limit_bytes_per_sec);
     if let Some(host) = host {
@@ -291,6 +311,7 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
             reconnect_max: Duration::from_millis(config.reconnect_max_ms),
             artifacts,
             training,
+            telemetry,
         },
     );
     tokio::select! {

@@ -393,7 +393,7 @@ fn run_generation(
 ) -> Result<Completion, InferenceError> {
     let started = Instant::now();
     let result = model.engine.generate(request, on_token);
-    host.record(model, started.elapsed(), result.as_ref().map_err(|_| ()));
+    host.record(model, started.elapsed(), result.as_ref());
     result
 }
 

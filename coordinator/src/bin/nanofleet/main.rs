@@ -377,6 +377,11 @@ enum NodesCommand {
         #[arg(long)]
         name: String,
     },
+    /// What the coordinator applied of a node's telemetry: totals per model version,
+    /// the latest gauges and events, and records that never arrived.
+    Telemetry {
+        id: String,
+    },
     /// Revoke a node: its next call is refused and its open stream ends.
     Revoke {
         id: String,
@@ -587,6 +592,14 @@ async fn nodes(cli: &Cli, command: &NodesCommand) -> anyhow::Result<()> {
                 .into_inner();
             println!("{}", serde_json::to_string_pretty(&node_json(&node))?);
         }
+        NodesCommand::Telemetry { id } => {
+            let telemetry = client
+                .get_node_telemetry(pb::GetNodeTelemetryRequest { id: id.clone() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_telemetry(&telemetry, cli.json)?;
+        }
         NodesCommand::Revoke { id, reason } => {
             let node = client
                 .revoke_node(pb::RevokeNodeRequest {
@@ -602,6 +615,101 @@ async fn nodes(cli: &Cli, command: &NodesCommand) -> anyhow::Result<()> {
                 println!("revoked node {} ({})", node.id, node.revoked_reason);
             }
         }
+    }
+    Ok(())
+}
+
+fn print_telemetry(t: &pb::NodeTelemetry, json_output: bool) -> anyhow::Result<()> {
+    let system = t.system;
+    if json_output {
+        let models: Vec<_> = t
+            .models
+            .iter()
+            .map(|m| {
+                json!({
+                    "name": m.name, "version": m.version, "active": m.active,
+                    "requests": m.requests, "errors": m.errors,
+                    "prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens,
+                    "tokens_per_second": m.tokens_per_second,
+                    "time_to_first_token_ms": m.time_to_first_token_ms,
+                    "latency_p50_ms": m.latency_p50_ms, "latency_p95_ms": m.latency_p95_ms,
+                })
+            })
+            .collect();
+        let events: Vec<_> = t
+            .events
+            .iter()
+            .map(|e| json!({"time": time_text(e.time_unix_ms), "kind": e.kind, "subject": e.subject, "detail": e.detail}))
+            .collect();
+        let system = system.map(|s| {
+            json!({
+                "memory_rss_bytes": s.memory_rss_bytes, "cpu_percent": s.cpu_percent,
+                "memory_available_bytes": s.memory_available_bytes,
+                "power_source": pb::PowerSource::try_from(s.power_source).map(|p| p.as_str_name()).unwrap_or("UNKNOWN"),
+                "battery_percent": s.battery_percent, "charging": s.charging,
+            })
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "node_id": t.node_id, "applied_sequence": t.applied_sequence,
+                "records": t.records, "records_missing": t.records_missing,
+                "records_dropped": t.records_dropped,
+                "first_record": time_text(t.first_record_unix_ms),
+                "last_record": time_text(t.last_record_unix_ms),
+                "requests": t.requests, "errors": t.errors,
+                "prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens,
+                "models": models, "system": system, "events": events,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "node {}: {} records up to #{} ({} missing, {} dropped by the agent), last {}",
+        t.node_id,
+        t.records,
+        t.applied_sequence,
+        t.records_missing,
+        t.records_dropped,
+        time_text(t.last_record_unix_ms)
+    );
+    println!(
+        "  requests {}  errors {}  prompt tokens {}  generated tokens {}",
+        t.requests, t.errors, t.prompt_tokens, t.completion_tokens
+    );
+    if let Some(s) = system {
+        println!(
+            "  agent memory {} MiB  cpu {:.1}%  available memory {} MiB",
+            s.memory_rss_bytes / (1024 * 1024),
+            s.cpu_percent,
+            s.memory_available_bytes / (1024 * 1024)
+        );
+    }
+    println!(
+        "  {:<40}  {:<6}  {:>8}  {:>6}  {:>10}  {:>7}  {:>9}  {:>9}",
+        "MODEL", "ACTIVE", "REQUESTS", "ERRORS", "GENERATED", "TOK/S", "TTFT MS", "P95 MS"
+    );
+    for m in &t.models {
+        println!(
+            "  {:<40}  {:<6}  {:>8}  {:>6}  {:>10}  {:>7.1}  {:>9.1}  {:>9.1}",
+            format!("{}@{}", m.name, m.version),
+            if m.active { "yes" } else { "no" },
+            m.requests,
+            m.errors,
+            m.completion_tokens,
+            m.tokens_per_second,
+            m.time_to_first_token_ms,
+            m.latency_p95_ms
+        );
+    }
+    for e in &t.events {
+        println!(
+            "  {}  {}  {}  {}",
+            time_text(e.time_unix_ms),
+            e.kind,
+            e.subject,
+            e.detail
+        );
     }
     Ok(())
 }

@@ -14,6 +14,12 @@ if ! PYTHONPATH=$NANOFLEET_TEST_PYTHONPATH python3 -c 'import openai' 2>/dev/nul
     || python3 -m pip install --quiet --break-system-packages --target "$NANOFLEET_TEST_PYTHONPATH" openai
 fi
 export NANOFLEET_TEST_PYTHONPATH
+# Headless Chromium and its WebDriver for the dashboard's browser test (Debian packages).
+if [ ! -x /usr/bin/chromedriver ] || [ ! -x /usr/bin/chromium ]; then
+  SUDO=$([ "$(id -u)" -eq 0 ] && echo "" || echo sudo)
+  $SUDO apt-get update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends chromium chromium-driver
+fi
 # The end-to-end harness runs the workspace binaries; build them first.
 cargo build --workspace --bins --locked
 cargo test --workspace --locked

@@ -39,6 +39,10 @@ pub struct CoordinatorConfig {
     /// per call), for audits of what devices sent. Off by default; the files hold what
     /// nodes sent, so keep the directory as private as the data directory.
     pub wire_capture_dir: Option<PathBuf>,
+    /// Address of the dashboard (HTTPS with the server certificate; operators log in with
+    /// accounts made by `nanofleet-coordinator dashboard-user add`). Off by default: set
+    /// it to serve the page, e.g. 127.0.0.1:7444.
+    pub dashboard_listen: Option<SocketAddr>,
 }
 
 impl Default for CoordinatorConfig {
@@ -55,6 +59,7 @@ impl Default for CoordinatorConfig {
             rollout_wave_timeout_secs: 600,
             log: "info".to_owned(),
             wire_capture_dir: None,
+            dashboard_listen: None,
         }
     }
 }
@@ -79,6 +84,7 @@ impl CoordinatorConfig {
                 "rollout_wave_timeout_secs",
                 "log",
                 "wire_capture_dir",
+                "dashboard_listen",
             ],
             flags,
         )

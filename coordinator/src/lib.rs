@@ -3,14 +3,15 @@
 //! The crate is layered like the request path: [`api`] is the gRPC edge (protocol types,
 //! authentication, `Status` mapping), [`registry`] holds the fleet's domain logic,
 //! [`store`] persists it behind a narrow key-value trait, and [`pki`] is the fleet CA.
-//! [`server`] wires them together with the HTTP side ([`http`]) and observability
-//! ([`telemetry`]). See ARCHITECTURE.md at the repository root for the whole map.
+//! [`server`] wires them together with the HTTP side ([`http`]), the operators' web page
+//! ([`dashboard`]) and observability ([`telemetry`]). See ARCHITECTURE.md at the repository root for the whole map.
 
 pub mod adapters;
 pub mod api;
 pub mod artifacts;
 pub mod capture;
 pub mod config;
+pub mod dashboard;
 pub mod events;
 pub mod federations;
 pub mod http;

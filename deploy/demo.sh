@@ -135,6 +135,11 @@ curl -sf "http://127.0.0.1:$api_port/v1/chat/completions" -H 'Content-Type: appl
   -d '{"model": "plant-codes-adapter", "messages": [{"role": "user", "content": "What is the plant code of unit 142?"}], "max_tokens": 16, "temperature": 0}' \
   | python3 -c 'import json, sys; r = json.load(sys.stdin); print("with the adapter:", r["choices"][0]["message"]["content"])'
 
+step "the audit trail: every step above as a Merkle-log entry; exported and checked offline against the coordinator's audit key"
+$bin/nanofleet audit export --out "$work/audit.jsonl"
+$bin/nanofleet audit export --format csv --action rollout. | cut -d, -f1,2,4,5,6 | head -12
+$bin/nanofleet audit verify "$work/audit.jsonl" --key "$work/coordinator/audit-signing.pub"
+
 step "fleet metrics (Prometheus text at http://127.0.0.1:$http_port/metrics)"
 curl -s "http://127.0.0.1:$http_port/metrics" | grep '^nanofleet_'
 
@@ -146,6 +151,7 @@ plant-codes-adapter@1.0.0 (the federation's adapter), state in $work
                  $bin/nanofleet nodes list
   local API:     http://127.0.0.1:$api_port/v1 (agents 1 and 2: ports $((api_port + 1)), $((api_port + 2)))
   metrics:       http://127.0.0.1:$http_port/metrics
+  audit log:     $work/audit.jsonl (check: $bin/nanofleet audit verify $work/audit.jsonl --key $work/coordinator/audit-signing.pub)
   logs:          $work/*.log
 TXT
 

@@ -39,6 +39,40 @@ pub enum Actor {
     Coordinator,
 }
 
+/// The text form of an actor, as logs and exports show it: `coordinator`, `node:<id>`,
+/// `operator:<name>`.
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Actor::Node(id) => write!(f, "node:{id}"),
+            Actor::Operator(name) => write!(f, "operator:{name}"),
+            Actor::Coordinator => f.write_str("coordinator"),
+        }
+    }
+}
+
+impl std::str::FromStr for Actor {
+    type Err = EntryError;
+
+    /// Parses the text form; the name is checked like an entry's.
+    fn from_str(text: &str) -> Result<Self, EntryError> {
+        let actor = if text == "coordinator" {
+            Actor::Coordinator
+        } else if let Some(id) = text.strip_prefix("node:") {
+            check_name("node id", id)?;
+            Actor::Node(id.to_owned())
+        } else if let Some(name) = text.strip_prefix("operator:") {
+            check_name("operator name", name)?;
+            Actor::Operator(name.to_owned())
+        } else {
+            return Err(EntryError::UnknownActorText(
+                text.chars().take(64).collect(),
+            ));
+        };
+        Ok(actor)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EntryError {
     #[error("{field} is {len} bytes, at most {max} allowed")]
@@ -57,6 +91,8 @@ pub enum EntryError {
     TrailingBytes(usize),
     #[error("unknown canonical entry version {0}")]
     UnknownVersion(u8),
+    #[error("actor {0:?} is none of coordinator, node:<id>, operator:<name>")]
+    UnknownActorText(String),
     #[error("unknown actor tag {0}")]
     UnknownActor(u8),
     #[error("{0} is not UTF-8")]

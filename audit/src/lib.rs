@@ -6,10 +6,13 @@
 //! - [`merkle`]: RFC 6962 / RFC 9162 Merkle tree hashing, inclusion and consistency proofs
 //!   (generated from any [`LeafHashes`] store, verified from hashes alone), and the
 //!   [`CompactRange`] that yields the root of an append-only log in O(log n) memory.
+//! - [`export`]: the JSONL export (signed head, entries, proofs for partial exports), its
+//!   CSV rendering, and the offline check `nanofleet audit verify` runs.
 //! - [`head`]: the tree head (size, root, time), its canonical bytes, and the ed25519
 //!   signature the coordinator puts on it.
 
 pub mod entry;
+pub mod export;
 pub mod head;
 mod hex_bytes;
 pub mod merkle;
@@ -19,5 +22,5 @@ pub use head::{HeadError, SignedTreeHead, TreeHead, TREE_HEAD_DOMAIN};
 pub use merkle::{
     consistency_proof, empty_root, inclusion_proof, leaf_hash, node_hash, tree_root,
     verify_consistency, verify_inclusion, CompactRange, CompactRangeError, Hash, LeafHashes,
-    ProofError, VerifyError,
+    PerfectSubtree, ProofError, VerifyError,
 };

@@ -40,13 +40,21 @@ pub fn empty_root() -> Hash {
     Sha256::digest([]).into()
 }
 
-/// Where the leaf hashes of a log live: a slice in tests, the coordinator's store later.
-/// Proof generation reads leaves through it and recomputes subtree hashes (no cache).
+/// Where the leaf hashes of a log live: a slice in tests, the coordinator's store. Proof
+/// generation reads leaves through it, and asks for the hashes of perfect subtrees first,
+/// so a store that keeps them (as [`CompactRange::append`] reports them) answers a proof
+/// in O(log n) reads instead of rehashing the leaves.
 pub trait LeafHashes {
     /// How many leaves the store holds.
     fn len(&self) -> u64;
     /// The hash of leaf `i`; callers only ask for `i < len()`.
     fn leaf(&self, i: u64) -> Hash;
+    /// The stored hash of the perfect subtree over leaves `index << level ..
+    /// (index + 1) << level` (`level` >= 1), if the store keeps it; callers only ask for
+    /// subtrees inside `len()`.
+    fn perfect_subtree(&self, _level: u32, _index: u64) -> Option<Hash> {
+        None
+    }
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -121,6 +129,11 @@ fn subtree_root<L: LeafHashes + ?Sized>(leaves: &L, start: u64, end: u64) -> Has
     let n = end - start;
     if n == 1 {
         return leaves.leaf(start);
+    }
+    if n.is_power_of_two() && start.is_multiple_of(n) {
+        if let Some(hash) = leaves.perfect_subtree(n.trailing_zeros(), start / n) {
+            return hash;
+        }
     }
     let k = split(n);
     node_hash(
@@ -336,6 +349,14 @@ pub struct CompactRangeError {
     pub got: usize,
 }
 
+/// A complete subtree of `2^level` leaves, the `index`-th of its size from the left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerfectSubtree {
+    pub level: u32,
+    pub index: u64,
+    pub hash: Hash,
+}
+
 /// The right frontier of an append-only tree: the roots of the perfect subtrees that the
 /// leaves `0..size` decompose into, one per set bit of `size`, largest (leftmost) first.
 /// Appending and computing the root never read old leaves, so the coordinator keeps this
@@ -376,17 +397,29 @@ impl CompactRange {
     }
 
     /// Appends one leaf hash: equal-sized subtrees merge as a binary counter carries.
+    /// Returns the perfect subtrees this leaf completed, smallest first, for a store
+    /// that keeps them for proofs (see [`LeafHashes::perfect_subtree`]).
     /// A log never reaches 2^64 - 1 leaves, so the size cannot overflow in practice.
-    pub fn append(&mut self, leaf: Hash) {
+    pub fn append(&mut self, leaf: Hash) -> Vec<PerfectSubtree> {
+        let position = self.size;
+        let mut completed = Vec::new();
         let mut carry = leaf;
         let mut size = self.size;
+        let mut level = 0;
         while size & 1 == 1 {
             let left = self.hashes.pop().expect("one hash per set bit of size");
             carry = node_hash(&left, &carry);
             size >>= 1;
+            level += 1;
+            completed.push(PerfectSubtree {
+                level,
+                index: position >> level,
+                hash: carry,
+            });
         }
         self.hashes.push(carry);
         self.size += 1;
+        completed
     }
 
     /// The Merkle Tree Hash of the leaves appended so far: the subtree roots folded from

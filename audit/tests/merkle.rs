@@ -4,9 +4,11 @@
 
 use nanofleet_audit::merkle::{
     consistency_proof, empty_root, inclusion_proof, leaf_hash, node_hash, tree_root,
-    verify_consistency, verify_inclusion, CompactRange, Hash, ProofError, VerifyError,
+    verify_consistency, verify_inclusion, CompactRange, Hash, LeafHashes, ProofError, VerifyError,
 };
 use proptest::prelude::*;
+use std::cell::Cell;
+use std::collections::HashMap;
 
 const LEAVES: [&[u8]; 8] = [
     b"",
@@ -376,6 +378,85 @@ fn a_path_fits_every_size_of_the_same_shape() {
     let root = tree_root(&all, 5).unwrap();
     assert_eq!(path_sides(0, 5), path_sides(0, 7));
     assert!(verify_inclusion(&all[0], 0, 7, &proof, &root).is_ok());
+}
+
+/// A store that keeps the perfect subtrees the compact range reports, as the coordinator
+/// does, and counts leaf reads.
+struct CachedLeaves {
+    leaves: Vec<Hash>,
+    subtrees: HashMap<(u32, u64), Hash>,
+    leaf_reads: Cell<u64>,
+}
+
+impl CachedLeaves {
+    fn build(leaves: Vec<Hash>) -> Self {
+        let mut range = CompactRange::new();
+        let mut subtrees = HashMap::new();
+        for leaf in &leaves {
+            for subtree in range.append(*leaf) {
+                subtrees.insert((subtree.level, subtree.index), subtree.hash);
+            }
+        }
+        Self {
+            leaves,
+            subtrees,
+            leaf_reads: Cell::new(0),
+        }
+    }
+}
+
+impl LeafHashes for CachedLeaves {
+    fn len(&self) -> u64 {
+        self.leaves.len() as u64
+    }
+    fn leaf(&self, i: u64) -> Hash {
+        self.leaf_reads.set(self.leaf_reads.get() + 1);
+        self.leaves[i as usize]
+    }
+    fn perfect_subtree(&self, level: u32, index: u64) -> Option<Hash> {
+        self.subtrees.get(&(level, index)).copied()
+    }
+}
+
+#[test]
+fn stored_perfect_subtrees_give_the_same_proofs_with_log_reads() {
+    let size = 1000;
+    let cached = CachedLeaves::build(leaves(size));
+    // Every perfect aligned subtree inside the log was reported once.
+    let expected: u64 = (1..10).map(|level| size >> level).sum();
+    assert_eq!(cached.subtrees.len() as u64, expected);
+    for (level, index) in cached.subtrees.keys() {
+        let (start, end) = (index << level, (index + 1) << level);
+        assert_eq!(
+            cached.subtrees[&(*level, *index)],
+            reference_mth(&cached.leaves[start as usize..end as usize])
+        );
+    }
+    for index in [0, 1, 511, 512, 998, 999] {
+        for tree in [index + 1, 777, size] {
+            if index >= tree {
+                continue;
+            }
+            cached.leaf_reads.set(0);
+            let proof = inclusion_proof(&cached, index, tree).unwrap();
+            assert!(
+                cached.leaf_reads.get() <= 2 * 64,
+                "reads {}",
+                cached.leaf_reads.get()
+            );
+            assert_eq!(proof, inclusion_proof(&cached.leaves, index, tree).unwrap());
+        }
+    }
+    cached.leaf_reads.set(0);
+    assert_eq!(
+        consistency_proof(&cached, 333, size).unwrap(),
+        consistency_proof(&cached.leaves, 333, size).unwrap()
+    );
+    assert_eq!(
+        tree_root(&cached, size).unwrap(),
+        reference_mth(&cached.leaves)
+    );
+    assert!(cached.leaf_reads.get() <= 2 * 64);
 }
 
 proptest! {

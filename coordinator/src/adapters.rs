@@ -5,23 +5,22 @@
 //! base model and the federation, round and number of contributors, never who they were.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ed25519_dalek::SigningKey;
 use nanofleet_artifact::manifest::{
     ArtifactFormat, ArtifactKind, Chunker, FederatedRecord, Manifest, ManifestError, Provenance,
 };
-use nanofleet_artifact::signing::{
-    key_id, signing_key_from_pem, signing_key_to_pem, verifying_key_to_pem, SignedManifest,
-};
+use nanofleet_artifact::signing::SignedManifest;
 use nanofleet_federated::AdapterTensors;
 
 use crate::artifacts::{ArtifactError, ArtifactRecord, ArtifactStore};
-use crate::events::EventLog;
+use crate::audit_log::AuditLog;
 use crate::federations::{FederationError, Federations, RoundState};
+use crate::signing_keys::KeyError;
 
-pub const ADAPTER_KEY_FILE: &str = "adapter-signing.key";
-pub const ADAPTER_PUBLIC_KEY_FILE: &str = "adapter-signing.pub";
+/// `<data_dir>/adapter-signing.key` and `.pub`.
+pub const ADAPTER_KEY_NAME: &str = "adapter-signing";
 /// Chunk size of adapter artifacts.
 const CHUNK_BYTES: u64 = 1 << 20;
 
@@ -31,41 +30,22 @@ pub enum AdapterError {
     Federation(#[from] FederationError),
     #[error(transparent)]
     Artifact(#[from] ArtifactError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit_log::AuditError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
     #[error("the adapter manifest is not valid: {0}")]
     Manifest(#[from] ManifestError),
     #[error("round {round} of {federation} did not aggregate; publish an aggregated round")]
     NotAggregated { federation: String, round: u32 },
     #[error("promotion gate: {0}")]
     Gate(String),
-    #[error("the adapter signing key {path}: {reason}")]
-    Key { path: PathBuf, reason: String },
 }
 
-/// Reads the coordinator's adapter key, creating it (0600) with its public half on first use.
-pub fn load_or_create_key(data_dir: &Path) -> Result<SigningKey, AdapterError> {
-    let path = data_dir.join(ADAPTER_KEY_FILE);
-    let fail = |reason: String| AdapterError::Key {
-        path: path.clone(),
-        reason,
-    };
-    if path.exists() {
-        let pem = std::fs::read_to_string(&path).map_err(|e| fail(e.to_string()))?;
-        return signing_key_from_pem(&pem).map_err(|e| fail(e.to_string()));
-    }
-    let key = SigningKey::generate(&mut rand::rngs::OsRng);
-    nanofleet_transport::write_private_file(&path, signing_key_to_pem(&key).as_bytes())
-        .map_err(|e| fail(e.to_string()))?;
-    std::fs::write(
-        data_dir.join(ADAPTER_PUBLIC_KEY_FILE),
-        verifying_key_to_pem(&key.verifying_key()),
-    )
-    .map_err(|e| fail(e.to_string()))?;
-    tracing::info!(
-        key_id = %key_id(&key.verifying_key()),
-        public_key = %data_dir.join(ADAPTER_PUBLIC_KEY_FILE).display(),
-        "created the adapter signing key; trust it for adapter names with `nanofleet-coordinator trust add-key`"
-    );
-    Ok(key)
+/// Reads the coordinator's adapter key, creating it (0600) with its public half on first use;
+/// trust it for adapter names with `nanofleet-coordinator trust add-key`.
+pub fn load_or_create_key(data_dir: &Path) -> Result<SigningKey, KeyError> {
+    crate::signing_keys::load_or_create(data_dir, ADAPTER_KEY_NAME, "adapter signing")
 }
 
 /// What to publish and the promotion gate it must pass.
@@ -87,7 +67,7 @@ pub struct AdapterRelease {
 pub fn publish(
     federations: &Federations,
     artifacts: &ArtifactStore,
-    events: &EventLog,
+    events: &AuditLog,
     key: &SigningKey,
     release: &AdapterRelease,
     operator: &str,
@@ -176,17 +156,15 @@ pub fn publish(
     let mut upload = artifacts.begin(signed.to_json_pretty().as_bytes(), "coordinator")?;
     upload.write(&content_bytes)?;
     let record = artifacts.finish(upload)?;
-    events
-        .append(
-            &format!("operator:{operator}"),
-            "adapter.publish",
-            &format!("{}@{}", release.name, release.version),
-            &format!(
-                "federation {} round {round}, {} contributors, signed by the coordinator's adapter key",
-                fed.name,
-                trained.contributors.len()
-            ),
-        )
-        .map_err(ArtifactError::from)?;
+    events.append(
+        &format!("operator:{operator}"),
+        "adapter.publish",
+        &format!("{}@{}", release.name, release.version),
+        &format!(
+            "federation {} round {round}, {} contributors, signed by the coordinator's adapter key",
+            fed.name,
+            trained.contributors.len()
+        ),
+    )?;
     Ok(record)
 }

@@ -116,6 +116,12 @@ impl ArtifactStore {
         })
     }
 
+    /// The trust policy file's text as it is on disk now, if there is one (for the audit
+    /// log, which records each version the coordinator uses).
+    pub fn trust_policy_text(&self) -> Option<String> {
+        std::fs::read_to_string(&self.trust_path).ok()
+    }
+
     /// The trust policy as it is on disk now, so that edits apply to the next publish.
     pub fn trust_policy(&self) -> Result<TrustPolicy, ArtifactError> {
         let bytes = std::fs::read(&self.trust_path).map_err(|e| {

@@ -9,10 +9,10 @@
 pub mod adapters;
 pub mod api;
 pub mod artifacts;
+pub mod audit_log;
 pub mod capture;
 pub mod config;
 pub mod dashboard;
-pub mod events;
 pub mod federations;
 pub mod http;
 pub mod identity;
@@ -21,6 +21,7 @@ pub mod registry;
 pub mod rollouts;
 pub mod server;
 pub mod sessions;
+pub mod signing_keys;
 pub mod store;
 pub mod telemetry;
 

@@ -214,6 +214,12 @@ fn token_key(token: &str) -> Result<Vec<u8>, RegistryError> {
     Ok(sha256_hex(token.as_bytes()).into_bytes())
 }
 
+/// How the audit log names a token: a prefix of the hash it is stored under, which
+/// identifies the token record without revealing the token.
+pub fn token_reference(token: &str) -> String {
+    format!("token:{}", &sha256_hex(token.as_bytes())[..16])
+}
+
 /// The registry over a store; cheap to clone.
 #[derive(Clone)]
 pub struct Registry {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::artifacts::{ArtifactError, ArtifactStore};
-use crate::events::EventLog;
+use crate::audit_log::AuditLog;
 use crate::now_unix_ms;
 use crate::registry::{NodeRecord, NodeStatus, Registry, RegistryError};
 use crate::store::{
@@ -45,6 +45,8 @@ pub enum RolloutError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit_log::AuditError),
 }
 
 /// Which nodes a rollout targets: every term must hold.
@@ -330,7 +332,7 @@ pub struct Rollouts {
     registry: Registry,
     artifacts: ArtifactStore,
     deployments: Deployments,
-    events: EventLog,
+    events: AuditLog,
     default_wave_timeout: Duration,
     heartbeat_interval_secs: u32,
 }
@@ -340,7 +342,7 @@ impl Rollouts {
         store: Arc<dyn KvStore>,
         registry: Registry,
         artifacts: ArtifactStore,
-        events: EventLog,
+        events: AuditLog,
         default_wave_timeout: Duration,
         heartbeat_interval_secs: u32,
     ) -> Self {

@@ -15,8 +15,8 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::api::{deliver, dispatch_rounds, EnrollmentApi, NodeApi, OperatorApi};
 use crate::artifacts::{ArtifactError, ArtifactStore};
+use crate::audit_log::AuditLog;
 use crate::config::CoordinatorConfig;
-use crate::events::EventLog;
 use crate::federations::{FederationError, Federations};
 use crate::pki::{Pki, PkiError};
 use crate::registry::Registry;
@@ -42,7 +42,9 @@ pub enum ServerError {
     #[error("cannot open the federation store: {0}")]
     Federations(#[from] FederationError),
     #[error(transparent)]
-    AdapterKey(#[from] crate::adapters::AdapterError),
+    Key(#[from] crate::signing_keys::KeyError),
+    #[error("cannot open the audit log: {0}")]
+    Audit(#[from] crate::audit_log::AuditError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -105,7 +107,18 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
     let store = Arc::new(SledStore::open(&state_path(&config))?);
     let registry = Registry::new(store.clone());
     let artifacts = ArtifactStore::open(store.clone(), &config.data_dir)?;
-    let events = EventLog::open(store.clone())?;
+    let events = AuditLog::open(store.clone(), &config.data_dir)?;
+    // Each start records the configuration it runs with, so a change shows as the
+    // difference between two starts (the options hold no secrets).
+    events.append(
+        "coordinator",
+        "coordinator.start",
+        "configuration",
+        &serde_json::to_string(&config).unwrap_or_default(),
+    )?;
+    if let Some(text) = artifacts.trust_policy_text() {
+        events.record_if_changed("trust.policy", crate::artifacts::TRUST_POLICY_FILE, &text)?;
+    }
     let federations = Federations::open(
         store.clone(),
         registry.clone(),
@@ -184,6 +197,7 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         pki: pki.clone(),
         heartbeat_interval_secs: interval,
         metrics: telemetry.metrics.clone(),
+        events: events.clone(),
     })
     .max_decoding_message_size(limit);
     let node = NodeServiceServer::new(NodeApi {
@@ -205,7 +219,7 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         rollouts: rollouts.clone(),
         federations: federations.clone(),
         artifacts: artifacts.clone(),
-        events: events.clone(),
+        audit: events.clone(),
         accounts: crate::dashboard::auth::Accounts::new(&config.data_dir),
         sessions: Default::default(),
         heartbeat_interval_secs: interval,

@@ -68,7 +68,7 @@ pub fn fleet_with(sizes: &[usize], serve_flags: &[&str]) -> Fleet {
     ]));
     let agent_trust_dir = trust.parent().unwrap();
     ok(
-        &std::process::Command::new(nanofleet_e2e::bin("nanofleet-coordinator"))
+        &std::process::Command::new(crate::bin("nanofleet-coordinator"))
             .args([
                 "--data-dir",
                 &path(agent_trust_dir),

@@ -13,7 +13,7 @@ use std::time::Duration;
 use fantoccini::{Client, Locator};
 use nanofleet_e2e::federation::{fleet_with, run_federation, schedule};
 use nanofleet_e2e::fleet::{create_rollout, publish, wait_state};
-use nanofleet_e2e::{free_port, ok, tiny_gguf, wait_until, Coordinator};
+use nanofleet_e2e::{free_port, ok, path, tiny_gguf, wait_until, Coordinator};
 use serde_json::json;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -329,6 +329,24 @@ fn operators_log_in_and_see_nodes_waves_loss_plot_and_a_verified_audit_entry() {
         let (status, body) =
             https(c, dashboard_port, None, &get("/api/nodes", Some(&cookie))).await;
         assert_eq!(status, 200, "{body}");
+        // The page's export of the login entries checks offline with the CLI, proofs and all.
+        let (status, response) = https(
+            c,
+            dashboard_port,
+            None,
+            &get(
+                "/api/audit/export?format=jsonl&action=dashboard.",
+                Some(&cookie),
+            ),
+        )
+        .await;
+        assert_eq!(status, 200, "{response}");
+        let (_, jsonl) = response.split_once("\r\n\r\n").expect("a body");
+        assert!(jsonl.contains("dashboard.login_refused"), "{jsonl}");
+        let export = fleet.root.path().join("dashboard-export.jsonl");
+        std::fs::write(&export, jsonl).unwrap();
+        let key = c.dir.join("audit-signing.pub");
+        ok(&c.cli(&["audit", "verify", &path(&export), "--key", &path(&key)]));
 
         let driver = Driver::start(&fleet.root.path().join("chromedriver.log"));
         let profile = fleet.root.path().join("chromium-profile");
@@ -437,7 +455,7 @@ async fn browse(client: &Client, port: u16, fleet: &nanofleet_e2e::federation::F
         .execute(
             "const row = [...document.querySelectorAll('#audit-table tr.entry')]
                  .find(r => r.textContent.includes('rollout.complete'));
-             row.scrollIntoView(); row.querySelector('button.verify').click();",
+             row.scrollIntoView({ block: 'center' }); row.querySelector('button.verify').click();",
             vec![],
         )
         .await

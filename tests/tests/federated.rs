@@ -9,7 +9,7 @@ use nanofleet_e2e::federation::{
     create_federation, federation, fleet, run_federation, schedule, wait_federation, Schedule,
     ANSWER,
 };
-use nanofleet_e2e::fleet::{create_rollout, wait_state};
+use nanofleet_e2e::fleet::{agent_trust_policy, create_rollout, publish, trusted_key, wait_state};
 use nanofleet_e2e::{http, ok, path, wait_until, Agent, Coordinator};
 use nanofleet_federated::tensors::{parse_peft_name, Half};
 use nanofleet_federated::AdapterTensors;

@@ -3,13 +3,14 @@
 use nanofleet_proto::v1 as pb;
 
 use crate::artifacts::ArtifactRecord;
-use crate::events::Event;
+use crate::audit_log::{AuditFilter, IndexedEntry};
 use crate::federations::{
     Dispatch, FederationRecord, FederationState, MetricSums, Outbound, RoundRecord, RoundState,
     Submission,
 };
 use crate::registry::{Accelerator, DeviceFacts, NodeRecord, NodeStatus, PowerSource};
 use crate::rollouts::{NodeVerdict, Rollout, RolloutError, RolloutState, Rollouts};
+use nanofleet_audit::export::ExportedEntry;
 use nanofleet_federated::{AdapterSpec, AggregationMode, SpecError, Target, TrainingPlan};
 
 pub fn facts_from_proto(facts: Option<pb::DeviceFacts>) -> DeviceFacts {
@@ -202,13 +203,50 @@ pub fn rollout_to_proto(
     })
 }
 
-pub fn event_to_proto(event: &Event) -> pb::Event {
+pub fn event_to_proto(indexed: &IndexedEntry) -> pb::Event {
+    let entry = &indexed.entry;
     pb::Event {
-        time_unix_ms: event.time_ms,
-        actor: event.actor.clone(),
-        action: event.action.clone(),
-        subject: event.subject.clone(),
-        reason: event.reason.clone(),
+        time_unix_ms: entry.time_ms(),
+        actor: entry.actor().to_string(),
+        action: entry.action().to_owned(),
+        subject: entry.subject().to_owned(),
+        reason: entry.details().to_owned(),
+        index: indexed.index,
+    }
+}
+
+pub fn tree_head_to_proto(signed: &nanofleet_audit::SignedTreeHead) -> pb::AuditTreeHead {
+    pb::AuditTreeHead {
+        size: signed.head.size,
+        root: signed.head.root.to_vec(),
+        time_unix_ms: signed.head.time_ms,
+        signature: signed.signature.to_bytes().to_vec(),
+    }
+}
+
+pub fn audit_leaf_to_proto(exported: &ExportedEntry) -> pb::AuditLeaf {
+    pb::AuditLeaf {
+        index: exported.index,
+        canonical_entry: exported.entry.canonical_bytes(),
+        inclusion_proof: exported
+            .inclusion_proof
+            .iter()
+            .flatten()
+            .map(|h| h.to_vec())
+            .collect(),
+    }
+}
+
+pub fn audit_filter_from_proto(filter: pb::AuditEntryFilter) -> AuditFilter {
+    let text = |s: String| Some(s).filter(|s| !s.is_empty());
+    let time = |t: i64| Some(t).filter(|t| *t != 0);
+    AuditFilter {
+        since_ms: time(filter.since_unix_ms),
+        until_ms: time(filter.until_unix_ms),
+        node: text(filter.node),
+        action_prefix: text(filter.action_prefix),
+        text: text(filter.text),
+        limit: None,
     }
 }
 

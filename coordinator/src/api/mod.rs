@@ -70,6 +70,7 @@ pub fn status_of_rollout(error: crate::rollouts::RolloutError) -> Status {
         E::Artifact(e) => status_of_artifact(&e),
         E::Registry(e) => status_of(e),
         E::Store(e) => status_of(e.into()),
+        E::Audit(e) => status_of_audit(e),
     }
 }
 
@@ -89,6 +90,7 @@ pub fn status_of_federation(error: crate::federations::FederationError) -> Statu
         E::Artifact(e) => status_of_artifact(&e),
         E::Registry(e) => status_of(e),
         E::Store(e) => status_of(e.into()),
+        E::Audit(e) => status_of_audit(e),
         E::Io(_) => {
             tracing::error!(%error, "federation storage error");
             Status::internal("the coordinator failed to store round data; see its log")
@@ -104,9 +106,22 @@ pub fn status_of_adapter(error: crate::adapters::AdapterError) -> Status {
         E::Artifact(e) => status_of_artifact(&e),
         E::Manifest(_) => Status::invalid_argument(error.to_string()),
         E::NotAggregated { .. } | E::Gate(_) => Status::failed_precondition(error.to_string()),
-        E::Key { .. } => {
+        E::Key(_) => {
             tracing::error!(%error, "adapter key error");
             Status::internal("the coordinator cannot use its adapter signing key; see its log")
+        }
+        E::Audit(e) => status_of_audit(e),
+    }
+}
+
+/// Maps an audit log error to the status a caller sees; storage faults stay in the log.
+pub fn status_of_audit(error: crate::audit_log::AuditError) -> Status {
+    use crate::audit_log::AuditError as E;
+    match error {
+        E::Proof(_) => Status::out_of_range(error.to_string()),
+        E::Entry(_) | E::Store(_) | E::Key(_) | E::Damaged(_) => {
+            tracing::error!(%error, "audit log error");
+            Status::internal("the coordinator failed to use its audit log; see its log")
         }
     }
 }

@@ -18,9 +18,11 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::convert::{facts_from_proto, outbound_to_command, submission_from_proto};
-use super::{authorized_node, status_of, status_of_artifact, status_of_federation};
+use super::{
+    authorized_node, status_of, status_of_artifact, status_of_audit, status_of_federation,
+};
 use crate::artifacts::{ArtifactError, ArtifactStore};
-use crate::events::EventLog;
+use crate::audit_log::AuditLog;
 use crate::federations::Federations;
 use crate::registry::Registry;
 use crate::rollouts::{ArtifactReport, Desired, Rollouts};
@@ -32,7 +34,7 @@ pub struct NodeApi {
     pub sessions: Arc<SessionHub>,
     pub artifacts: ArtifactStore,
     pub rollouts: Rollouts,
-    pub events: EventLog,
+    pub events: AuditLog,
     pub heartbeat_interval_secs: u32,
     /// Per-stream download limit in bytes per second; 0 = none.
     pub download_bytes_per_sec: u64,
@@ -399,7 +401,7 @@ impl NodeService for NodeApi {
                     &format!("{}@{}", r.name, r.version),
                     &r.reason,
                 )
-                .map_err(|e| status_of(e.into()))?;
+                .map_err(status_of_audit)?;
         }
         Ok(Response::new(ArtifactReportAck {}))
     }

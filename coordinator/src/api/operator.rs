@@ -2,15 +2,18 @@
 
 use std::sync::Arc;
 
+use nanofleet_audit::export::ExportedEntry;
 use nanofleet_proto::v1::{
     operator_service_server::OperatorService, publish_artifact_request::Part, AdapterBlob,
-    Artifact, CreateFederationRequest, CreateRolloutRequest, CreateTokenRequest,
-    CreateTokenResponse, Federation, FederationRef, GetAdapterRequest, GetArtifactRequest,
-    GetNodeRequest, ListArtifactsRequest, ListArtifactsResponse, ListEventsRequest,
-    ListEventsResponse, ListFederationsRequest, ListFederationsResponse, ListNodesRequest,
-    ListNodesResponse, ListRolloutsRequest, ListRolloutsResponse, Node, PinArtifactRequest,
-    PinArtifactResponse, PublishAdapterRequest, PublishArtifactRequest, RevokeNodeRequest, Rollout,
-    RolloutRef, UnpinArtifactRequest,
+    Artifact, AuditLeaf, AuditTreeHead, ConsistencyProof, ConsistencyProofRequest,
+    CreateFederationRequest, CreateRolloutRequest, CreateTokenRequest, CreateTokenResponse,
+    Federation, FederationRef, GetAdapterRequest, GetArtifactRequest, GetAuditHeadRequest,
+    GetNodeRequest, InclusionProofRequest, ListArtifactsRequest, ListArtifactsResponse,
+    ListAuditEntriesRequest, ListAuditEntriesResponse, ListEventsRequest, ListEventsResponse,
+    ListFederationsRequest, ListFederationsResponse, ListNodesRequest, ListNodesResponse,
+    ListRolloutsRequest, ListRolloutsResponse, Node, PinArtifactRequest, PinArtifactResponse,
+    PublishAdapterRequest, PublishArtifactRequest, RevokeNodeRequest, Rollout, RolloutRef,
+    UnpinArtifactRequest,
 };
 use tonic::{Request, Response, Status, Streaming};
 
@@ -18,11 +21,12 @@ use super::convert::{
     adapter_spec_from_proto, federation_to_proto, plan_from_proto, rollout_to_proto,
 };
 use super::convert::{artifact_to_proto, event_to_proto, node_to_proto};
-use super::{authorized_operator, status_of, status_of_artifact};
+use super::convert::{audit_filter_from_proto, audit_leaf_to_proto, tree_head_to_proto};
+use super::{authorized_operator, status_of, status_of_artifact, status_of_audit};
 use super::{deliver, status_of_adapter, status_of_federation, status_of_rollout};
 use crate::adapters::{self, AdapterRelease};
-use crate::artifacts::{ArtifactError, ArtifactRecord, ArtifactStore};
-use crate::events::EventLog;
+use crate::artifacts::{ArtifactError, ArtifactRecord, ArtifactStore, TRUST_POLICY_FILE};
+use crate::audit_log::{self, AuditFilter, AuditLog};
 use crate::federations::secure::SecureOptions;
 use crate::federations::{
     Federations, NewFederation, PrivacyOptions, Selection, DEFAULT_WEIGHT_CAP,
@@ -38,7 +42,7 @@ pub struct OperatorApi {
     pub pki: Arc<Pki>,
     pub sessions: Arc<SessionHub>,
     pub artifacts: ArtifactStore,
-    pub events: EventLog,
+    pub events: AuditLog,
     pub rollouts: Rollouts,
     pub federations: Federations,
     /// Signs the federations' adapters that operators publish.
@@ -154,6 +158,14 @@ impl OperatorService for OperatorApi {
                 node.id, node.revoked_reason
             )),
         );
+        self.events
+            .append(
+                &format!("operator:{operator}"),
+                "node.revoke",
+                &node.id,
+                &node.revoked_reason,
+            )
+            .map_err(status_of_audit)?;
         tracing::warn!(node = %node.id, %operator, reason = %node.revoked_reason, "node revoked");
         Ok(Response::new(self.node_message(&node)))
     }
@@ -170,10 +182,23 @@ impl OperatorService for OperatorApi {
                 request.ttl_secs, self.max_token_ttl_secs
             )));
         }
+        let labels: crate::registry::Labels = request.labels.into_iter().collect();
         let created = self
             .registry
-            .create_token(request.ttl_secs, request.labels.into_iter().collect())
+            .create_token(request.ttl_secs, labels.clone())
             .map_err(status_of)?;
+        self.events
+            .append(
+                &format!("operator:{operator}"),
+                "token.create",
+                &crate::registry::token_reference(&created.token),
+                &format!(
+                    "expires {}, labels {}",
+                    created.expires_at_ms,
+                    serde_json::to_string(&labels).unwrap_or_default()
+                ),
+            )
+            .map_err(status_of_audit)?;
         // The token itself is a secret: never logged.
         tracing::info!(%operator, expires_at_ms = created.expires_at_ms, "bootstrap token created");
         Ok(Response::new(CreateTokenResponse {
@@ -190,6 +215,7 @@ impl OperatorService for OperatorApi {
         let operator = authorized_operator(&request)?;
         let actor = format!("operator:{operator}");
         let mut subject = String::from("(unknown)");
+        self.record_trust_policy()?;
         let result = self
             .receive_artifact(&operator, request.into_inner(), &mut subject)
             .await;
@@ -199,7 +225,7 @@ impl OperatorService for OperatorApi {
         };
         self.events
             .append(&actor, action, &subject, &reason)
-            .map_err(|e| status_of(e.into()))?;
+            .map_err(status_of_audit)?;
         match result {
             Ok(record) => {
                 tracing::info!(%operator, artifact = %subject, "artifact published");
@@ -241,10 +267,14 @@ impl OperatorService for OperatorApi {
         request: Request<ListEventsRequest>,
     ) -> Result<Response<ListEventsResponse>, Status> {
         authorized_operator(&request)?;
+        let filter = AuditFilter {
+            action_prefix: Some(request.into_inner().action_prefix),
+            ..Default::default()
+        };
         let events = self
             .events
-            .list(&request.into_inner().action_prefix)
-            .map_err(|e| status_of(e.into()))?;
+            .entries(0, self.events.size(), &filter)
+            .map_err(status_of_audit)?;
         Ok(Response::new(ListEventsResponse {
             events: events.iter().map(event_to_proto).collect(),
         }))
@@ -483,6 +513,7 @@ impl OperatorService for OperatorApi {
             min_exact_match: r.min_exact_match,
         };
         let subject = format!("{}@{}", release.name, release.version);
+        self.record_trust_policy()?;
         let result = tokio::task::block_in_place(|| {
             adapters::publish(
                 &self.federations,
@@ -507,6 +538,111 @@ impl OperatorService for OperatorApi {
                 );
                 Err(status_of_adapter(error))
             }
+        }
+    }
+
+    async fn get_audit_head(
+        &self,
+        request: Request<GetAuditHeadRequest>,
+    ) -> Result<Response<AuditTreeHead>, Status> {
+        authorized_operator(&request)?;
+        let head =
+            tokio::task::block_in_place(|| self.events.signed_head()).map_err(status_of_audit)?;
+        Ok(Response::new(tree_head_to_proto(&head)))
+    }
+
+    async fn list_audit_entries(
+        &self,
+        request: Request<ListAuditEntriesRequest>,
+    ) -> Result<Response<ListAuditEntriesResponse>, Status> {
+        authorized_operator(&request)?;
+        let request = request.into_inner();
+        let tree_size = self.audit_size(request.tree_size)?;
+        let limit = match request.limit {
+            0 => 1000,
+            n => (n as usize).min(audit_log::MAX_PAGE),
+        };
+        let filter = AuditFilter {
+            limit: Some(limit),
+            ..audit_filter_from_proto(request.filter.unwrap_or_default())
+        };
+        let entries = tokio::task::block_in_place(|| {
+            self.events
+                .export_page(tree_size, request.start_index, &filter, request.with_proofs)
+        })
+        .map_err(status_of_audit)?;
+        let next_index = match entries.last() {
+            Some(last) if entries.len() == limit => last.index + 1,
+            _ => tree_size,
+        };
+        Ok(Response::new(ListAuditEntriesResponse {
+            tree_size,
+            entries: entries.iter().map(audit_leaf_to_proto).collect(),
+            next_index,
+        }))
+    }
+
+    async fn get_inclusion_proof(
+        &self,
+        request: Request<InclusionProofRequest>,
+    ) -> Result<Response<AuditLeaf>, Status> {
+        authorized_operator(&request)?;
+        let request = request.into_inner();
+        let tree_size = self.audit_size(request.tree_size)?;
+        let leaf = tokio::task::block_in_place(|| {
+            let proof = self.events.inclusion_proof(request.index, tree_size)?;
+            let entry = self.events.entry(request.index)?;
+            Ok(ExportedEntry {
+                index: request.index,
+                entry,
+                inclusion_proof: Some(proof),
+            })
+        })
+        .map_err(status_of_audit)?;
+        Ok(Response::new(audit_leaf_to_proto(&leaf)))
+    }
+
+    async fn get_consistency_proof(
+        &self,
+        request: Request<ConsistencyProofRequest>,
+    ) -> Result<Response<ConsistencyProof>, Status> {
+        authorized_operator(&request)?;
+        let request = request.into_inner();
+        let new_size = self.audit_size(request.new_size)?;
+        let hashes = tokio::task::block_in_place(|| {
+            self.events.consistency_proof(request.old_size, new_size)
+        })
+        .map_err(status_of_audit)?;
+        Ok(Response::new(ConsistencyProof {
+            old_size: request.old_size,
+            new_size,
+            hashes: hashes.iter().map(|h| h.to_vec()).collect(),
+        }))
+    }
+}
+
+impl OperatorApi {
+    /// Records the trust policy the next publish is checked against, when it changed.
+    fn record_trust_policy(&self) -> Result<(), Status> {
+        if let Some(text) = self.artifacts.trust_policy_text() {
+            tokio::task::block_in_place(|| {
+                self.events
+                    .record_if_changed("trust.policy", TRUST_POLICY_FILE, &text)
+            })
+            .map_err(status_of_audit)?;
+        }
+        Ok(())
+    }
+
+    /// A requested tree size: 0 means the log's current size; more than it is refused.
+    fn audit_size(&self, requested: u64) -> Result<u64, Status> {
+        let size = self.events.size();
+        match requested {
+            0 => Ok(size),
+            n if n <= size => Ok(n),
+            n => Err(Status::out_of_range(format!(
+                "tree size {n} is beyond the audit log's {size} entries"
+            ))),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! session (`auth`). The page is plain HTML, JavaScript and CSS embedded in the binary
 //! (`assets/`), with SVG plots drawn in the browser; nothing needs a Node toolchain.
 
+mod audit;
 pub mod auth;
 mod views;
 
@@ -24,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::artifacts::ArtifactStore;
-use crate::events::EventLog;
+use crate::audit_log::AuditLog;
 use crate::federations::Federations;
 use crate::pki::Pki;
 use crate::registry::Registry;
@@ -50,7 +51,7 @@ pub struct Dashboard {
     pub rollouts: Rollouts,
     pub federations: Federations,
     pub artifacts: ArtifactStore,
-    pub events: EventLog,
+    pub audit: AuditLog,
     pub accounts: Accounts,
     pub sessions: Sessions,
     pub heartbeat_interval_secs: u32,
@@ -161,10 +162,12 @@ pub async fn serve(
 }
 
 pub fn router(dashboard: Arc<Dashboard>) -> Router {
-    let api = views::routes().layer(axum::middleware::from_fn_with_state(
-        dashboard.clone(),
-        require_session,
-    ));
+    let api = views::routes()
+        .merge(audit::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            dashboard.clone(),
+            require_session,
+        ));
     Router::new()
         .route("/", get(|| asset("text/html; charset=utf-8", INDEX_HTML)))
         .route(
@@ -298,7 +301,7 @@ async fn login(
             } else {
                 "dashboard.login_refused"
             };
-            if let Err(error) = dashboard.events.append(&actor, action, &subject, "") {
+            if let Err(error) = dashboard.audit.append(&actor, action, &subject, "") {
                 tracing::error!(%error, "cannot record a dashboard login");
             }
             Ok::<bool, auth::AccountError>(ok)
@@ -346,4 +349,170 @@ async fn logout(State(dashboard): State<Arc<Dashboard>>, headers: HeaderMap) -> 
         .headers_mut()
         .insert(header::SET_COOKIE, cookie("", 0));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStore;
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    const PASSWORD: &str = "correct horse battery staple";
+
+    fn dashboard(dir: &std::path::Path) -> Arc<Dashboard> {
+        let store: Arc<dyn crate::store::KvStore> =
+            Arc::new(SledStore::open(&dir.join("state")).unwrap());
+        let registry = Registry::new(store.clone());
+        let artifacts = ArtifactStore::open(store.clone(), dir).unwrap();
+        let audit = AuditLog::open(store.clone(), dir).unwrap();
+        let federations = Federations::open(
+            store.clone(),
+            registry.clone(),
+            artifacts.clone(),
+            audit.clone(),
+            dir,
+            1 << 20,
+        )
+        .unwrap();
+        let rollouts = Rollouts::new(
+            store,
+            registry.clone(),
+            artifacts.clone(),
+            audit.clone(),
+            Duration::from_secs(60),
+            10,
+        );
+        Arc::new(Dashboard {
+            registry,
+            rollouts,
+            federations,
+            artifacts,
+            audit,
+            accounts: Accounts::new(dir),
+            sessions: Sessions::default(),
+            heartbeat_interval_secs: 10,
+        })
+    }
+
+    async fn call(
+        dashboard: &Arc<Dashboard>,
+        method: &str,
+        uri: &str,
+        cookie: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> (StatusCode, HeaderMap, serde_json::Value) {
+        let mut request = axum::http::Request::builder().method(method).uri(uri);
+        if let Some(cookie) = cookie {
+            request = request.header(header::COOKIE, cookie);
+        }
+        let body = match body {
+            Some(json) => {
+                request = request.header(header::CONTENT_TYPE, "application/json");
+                Body::from(json.to_string())
+            }
+            None => Body::empty(),
+        };
+        let response = router(dashboard.clone())
+            .oneshot(request.body(body).unwrap())
+            .await
+            .unwrap();
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (parts.status, parts.headers, json)
+    }
+
+    fn login(password: &str) -> Option<serde_json::Value> {
+        Some(serde_json::json!({ "user": "alice", "password": password }))
+    }
+
+    #[tokio::test]
+    async fn data_needs_a_session_and_logins_are_in_the_audit_log_with_proofs() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dashboard(dir.path());
+        d.accounts.set("alice", PASSWORD).unwrap();
+
+        let (status, _, body) = call(&d, "GET", "/api/nodes", None, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        let forged = format!("{COOKIE}=AAAA");
+        let (status, _, _) = call(&d, "GET", "/api/nodes", Some(&forged), None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _, body) = call(&d, "POST", "/login", None, login("not it at all")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body["error"], "wrong user name or password");
+
+        let (status, headers, _) = call(&d, "POST", "/login", None, login(PASSWORD)).await;
+        assert_eq!(status, StatusCode::OK);
+        let set_cookie = headers[header::SET_COOKIE].to_str().unwrap().to_owned();
+        for attribute in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+            assert!(set_cookie.contains(attribute), "{set_cookie}");
+        }
+        let cookie = set_cookie.split(';').next().unwrap().to_owned();
+        let (status, headers, body) = call(&d, "GET", "/api/nodes", Some(&cookie), None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["nodes"], serde_json::json!([]));
+        assert!(headers.contains_key("content-security-policy"));
+
+        // Both attempts are entries, newest first, and neither holds a password.
+        let (_, _, audit) = call(
+            &d,
+            "GET",
+            "/api/audit?action=dashboard.",
+            Some(&cookie),
+            None,
+        )
+        .await;
+        let entries = audit["entries"].as_array().unwrap();
+        let actions: Vec<_> = entries
+            .iter()
+            .map(|e| e["action"].as_str().unwrap())
+            .collect();
+        assert_eq!(actions, ["dashboard.login", "dashboard.login_refused"]);
+        assert!(!audit.to_string().contains(PASSWORD));
+
+        // The proof the page checks verifies here too.
+        let (_, _, head) = call(&d, "GET", "/api/audit/head", Some(&cookie), None).await;
+        let size = head["size"].as_u64().unwrap();
+        let index = entries[0]["index"].as_u64().unwrap();
+        let uri = format!("/api/audit/proof?index={index}&size={size}");
+        let (status, _, proof) = call(&d, "GET", &uri, Some(&cookie), None).await;
+        assert_eq!(status, StatusCode::OK, "{proof}");
+        let hash = |v: &serde_json::Value| -> [u8; 32] {
+            hex::decode(v.as_str().unwrap())
+                .unwrap()
+                .try_into()
+                .unwrap()
+        };
+        let leaf =
+            nanofleet_audit::leaf_hash(&hex::decode(proof["leaf"].as_str().unwrap()).unwrap());
+        let path: Vec<[u8; 32]> = proof["proof"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(hash)
+            .collect();
+        nanofleet_audit::verify_inclusion(&leaf, index, size, &path, &hash(&head["root"])).unwrap();
+        let uri = format!("/api/audit/proof?index={size}&size={size}");
+        let (status, _, _) = call(&d, "GET", &uri, Some(&cookie), None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+
+        // Logging out, or losing the account, ends the session.
+        let (status, _, _) = call(&d, "POST", "/logout", Some(&cookie), None).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (status, _, _) = call(&d, "GET", "/api/nodes", Some(&cookie), None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (_, headers, _) = call(&d, "POST", "/login", None, login(PASSWORD)).await;
+        let cookie = headers[header::SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_owned();
+        d.accounts.remove("alice").unwrap();
+        let (status, _, _) = call(&d, "GET", "/api/me", Some(&cookie), None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
 }

@@ -33,7 +33,7 @@ use secure::{ClientSetup, MessageFiles, SecureOptions, SecureRound, SecureStage,
 use serde::{Deserialize, Serialize};
 
 use crate::artifacts::{ArtifactError, ArtifactStore};
-use crate::events::EventLog;
+use crate::audit_log::AuditLog;
 use crate::now_unix_ms;
 use crate::registry::{NodeRecord, NodeStatus, PowerSource, Registry, RegistryError};
 use crate::store::{get_record, put_record_durably, scan_records, Keyspace, KvStore, StoreError};
@@ -78,6 +78,8 @@ pub enum FederationError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit_log::AuditError),
     #[error("federation files: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -395,7 +397,7 @@ pub struct Federations {
     store: Arc<dyn KvStore>,
     registry: Registry,
     artifacts: ArtifactStore,
-    events: EventLog,
+    events: AuditLog,
     dir: PathBuf,
     /// Serializes read-modify-write of federation records (engine and submissions).
     lock: Arc<Mutex<()>>,
@@ -418,7 +420,7 @@ impl Federations {
         store: Arc<dyn KvStore>,
         registry: Registry,
         artifacts: ArtifactStore,
-        events: EventLog,
+        events: AuditLog,
         data_dir: &Path,
         max_update_bytes: usize,
     ) -> Result<Self, FederationError> {
@@ -1385,7 +1387,7 @@ mod tests {
         let store: Arc<dyn KvStore> = Arc::new(SledStore::open(&dir.path().join("state")).unwrap());
         let registry = Registry::new(store.clone());
         let artifacts = ArtifactStore::open(store.clone(), dir.path()).unwrap();
-        let events = EventLog::open(store.clone()).unwrap();
+        let events = AuditLog::open(store.clone(), dir.path()).unwrap();
         let feds =
             Federations::open(store, registry, artifacts, events, dir.path(), 1 << 20).unwrap();
         let now = now_unix_ms();

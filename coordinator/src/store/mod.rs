@@ -17,8 +17,12 @@ pub enum Keyspace {
     Tokens,
     /// `name@version` → published artifact record (manifest, signer, time).
     Artifacts,
-    /// Big-endian sequence number → event.
-    Events,
+    /// Big-endian leaf index → the audit entry's canonical bytes (the Merkle leaf data).
+    AuditLeaves,
+    /// Level byte and big-endian index → hash of that perfect subtree of the audit log.
+    AuditNodes,
+    /// The audit log's compact range and last signed tree head.
+    AuditState,
     /// Rollout id → rollout record.
     Rollouts,
     /// `<node id>/<artifact name>` → the version the node should run.
@@ -35,7 +39,9 @@ impl Keyspace {
             Keyspace::Nodes => "nodes",
             Keyspace::Tokens => "tokens",
             Keyspace::Artifacts => "artifacts",
-            Keyspace::Events => "events",
+            Keyspace::AuditLeaves => "audit_leaves",
+            Keyspace::AuditNodes => "audit_nodes",
+            Keyspace::AuditState => "audit_state",
             Keyspace::Rollouts => "rollouts",
             Keyspace::Desired => "desired",
             Keyspace::NodeArtifacts => "node_artifacts",
@@ -128,6 +134,15 @@ pub trait KvStore: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
     /// Every record of a keyspace, in key order.
     fn scan(&self, space: Keyspace) -> Result<Vec<Record>, StoreError>;
+    /// Up to `limit` records from `start` on, in key order: a page of a large keyspace.
+    fn scan_from(
+        &self,
+        space: Keyspace,
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError>;
+    /// The record with the greatest key.
+    fn last(&self, space: Keyspace) -> Result<Option<Record>, StoreError>;
     /// Returns once everything written before is on disk.
     fn flush(&self) -> Result<(), StoreError>;
 }

@@ -62,6 +62,27 @@ impl KvStore for SledStore {
             .collect()
     }
 
+    fn scan_from(
+        &self,
+        space: Keyspace,
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
+        self.tree(space)?
+            .range(start..)
+            .take(limit)
+            .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(backend))
+            .collect()
+    }
+
+    fn last(&self, space: Keyspace) -> Result<Option<Record>, StoreError> {
+        Ok(self
+            .tree(space)?
+            .last()
+            .map_err(backend)?
+            .map(|(k, v)| (k.to_vec(), v.to_vec())))
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush().map_err(backend)?;
         Ok(())
@@ -93,5 +114,14 @@ mod tests {
         );
         assert!(store.get(Keyspace::Nodes, b"t").unwrap().is_none());
         assert_eq!(store.scan(Keyspace::Tokens).unwrap().len(), 1);
+        for key in [b"a", b"b", b"c"] {
+            store.put(Keyspace::Nodes, key, key).unwrap();
+        }
+        let page = store.scan_from(Keyspace::Nodes, b"b", 5).unwrap();
+        assert_eq!(page.len(), 2);
+        assert_eq!(page[0].0, b"b");
+        assert_eq!(store.scan_from(Keyspace::Nodes, b"a", 1).unwrap().len(), 1);
+        assert_eq!(store.last(Keyspace::Nodes).unwrap().unwrap().0, b"c");
+        assert!(store.last(Keyspace::Rollouts).unwrap().is_none());
     }
 }

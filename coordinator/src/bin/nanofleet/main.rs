@@ -1,6 +1,7 @@
 //! `nanofleet`: the operator CLI. Talks to the coordinator's operator API with an
 //! operator client certificate; human tables by default, `--json` for scripts.
 
+mod audit;
 mod federation;
 
 use std::collections::BTreeMap;
@@ -97,6 +98,11 @@ enum Command {
     Adapter {
         #[command(subcommand)]
         command: federation::AdapterCommand,
+    },
+    /// The tamper-evident audit log: signed heads, exports, proofs, offline checks.
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
     },
     /// Recorded facts (publishes, refusals), oldest first.
     Events {
@@ -529,6 +535,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Federation { command } => federation::federation(&cli, command).await?,
         Command::Round { command } => federation::round(&cli, command).await?,
         Command::Adapter { command } => federation::adapter(&cli, command).await?,
+        Command::Audit { command } => audit::audit(&cli, command).await?,
     }
     Ok(())
 }

@@ -405,7 +405,7 @@ async function verifyEntry(entry) {
 function pinKey(publicKeyHex) {
   const pinned = localStorage.getItem("nanofleet-audit-key");
   if (pinned && pinned !== publicKeyHex) {
-    throw new Error(`the coordinator's audit key changed from ${pinned} to ${publicKeyHex}; check it against the coordinator's signing.pub`);
+    throw new Error(`the coordinator's audit key changed from ${pinned} to ${publicKeyHex}; check it against the coordinator's audit-signing.pub`);
   }
   if (!pinned) localStorage.setItem("nanofleet-audit-key", publicKeyHex);
 }
@@ -457,12 +457,12 @@ async function loadAudit() {
     });
     return el("tr", { class: "entry", "data-index": entry.index },
       el("td", { text: entry.index }),
-      el("td", { text: when(entry.time_ms) }),
+      el("td", { class: "proof" }, button, " ", result),
+      el("td", { class: "time", text: when(entry.time_ms) }),
       el("td", { class: "mono", text: entry.actor }),
       el("td", { class: "mono", text: entry.action }),
       el("td", { class: "mono", text: entry.subject }),
-      el("td", { text: entry.details }),
-      el("td", {}, button, " ", result));
+      el("td", { class: "details", text: entry.details }));
   });
   $("#audit-table tbody").replaceChildren(...rows);
 }

@@ -14,6 +14,13 @@ if ! PYTHONPATH=$NANOFLEET_TEST_PYTHONPATH python3 -c 'import openai' 2>/dev/nul
     || python3 -m pip install --quiet --break-system-packages --target "$NANOFLEET_TEST_PYTHONPATH" openai
 fi
 export NANOFLEET_TEST_PYTHONPATH
+# Prometheus (Debian's package), which the observability test starts to scrape /metrics.
+if ! command -v prometheus >/dev/null; then
+  sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y --no-install-recommends prometheus \
+    || { $sudo apt-get update && $sudo apt-get install -y --no-install-recommends prometheus; }
+fi
 # Headless Chromium and its WebDriver for the dashboard's browser test (Debian packages).
 if [ ! -x /usr/bin/chromedriver ] || [ ! -x /usr/bin/chromium ]; then
   SUDO=$([ "$(id -u)" -eq 0 ] && echo "" || echo sudo)

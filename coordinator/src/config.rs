@@ -43,6 +43,10 @@ pub struct CoordinatorConfig {
     /// accounts made by `nanofleet-coordinator dashboard-user add`). Off by default: set
     /// it to serve the page, e.g. 127.0.0.1:7444.
     pub dashboard_listen: Option<SocketAddr>,
+    /// OTLP collector (gRPC, plaintext), e.g. `http://127.0.0.1:4317`: spans and metrics
+    /// are exported there besides `/metrics`. Unset: no export. An unreachable collector
+    /// is logged, never fatal; `OTEL_METRIC_EXPORT_INTERVAL` (ms) sets the metrics period.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for CoordinatorConfig {
@@ -60,6 +64,7 @@ impl Default for CoordinatorConfig {
             log: "info".to_owned(),
             wire_capture_dir: None,
             dashboard_listen: None,
+            otlp_endpoint: None,
         }
     }
 }
@@ -85,6 +90,7 @@ impl CoordinatorConfig {
                 "log",
                 "wire_capture_dir",
                 "dashboard_listen",
+                "otlp_endpoint",
             ],
             flags,
         )

@@ -4,7 +4,8 @@
 //! authentication, `Status` mapping), [`registry`] holds the fleet's domain logic,
 //! [`store`] persists it behind a narrow key-value trait, and [`pki`] is the fleet CA.
 //! [`server`] wires them together with the HTTP side ([`http`]), the operators' web page
-//! ([`dashboard`]) and observability ([`telemetry`]). See ARCHITECTURE.md at the repository root for the whole map.
+//! ([`dashboard`]) and observability ([`telemetry`], OTLP export in [`otlp`]). See
+//! ARCHITECTURE.md at the repository root for the whole map.
 
 pub mod adapters;
 pub mod api;
@@ -16,6 +17,7 @@ pub mod dashboard;
 pub mod federations;
 pub mod http;
 pub mod identity;
+pub mod otlp;
 pub mod pki;
 pub mod registry;
 pub mod rollouts;

@@ -141,7 +141,11 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         registry.clone(),
         sessions.clone(),
         config.heartbeat_interval_secs,
+        config.otlp_endpoint.as_deref(),
     )?);
+    if let Some(endpoint) = &config.otlp_endpoint {
+        tokio::spawn(crate::otlp::warn_if_unreachable(endpoint.clone()));
+    }
 
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
@@ -280,7 +284,7 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
             TcpListenerStream::new(grpc_listener),
             stopped(stop_rx.clone()),
         );
-    let http = crate::http::serve(http_listener, telemetry, stopped(stop_rx.clone()));
+    let http = crate::http::serve(http_listener, telemetry.clone(), stopped(stop_rx.clone()));
     if let Some(listener) = dashboard_listener {
         let tls = crate::dashboard::tls_config(&pki)?;
         tracing::info!(dashboard = %listener.local_addr().map_err(ServerError::Http)?, "dashboard listening");
@@ -324,6 +328,7 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         http.await.map_err(ServerError::Http)
     },);
     store.flush()?;
+    telemetry.shutdown();
     result?;
     Ok(())
 }

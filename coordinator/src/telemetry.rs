@@ -11,14 +11,21 @@ use prometheus::{Encoder, TextEncoder};
 use crate::registry::{NodeStatus, Registry};
 use crate::sessions::SessionHub;
 
-/// Installs the global `tracing` subscriber; `RUST_LOG` overrides `filter`.
-pub fn init_tracing(filter: &str) {
+/// Installs the global `tracing` subscriber; `RUST_LOG` overrides `filter`. With `otlp`,
+/// spans are also exported as OpenTelemetry traces.
+pub fn init_tracing(filter: &str, otlp: Option<&crate::otlp::OtlpTraces>) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(otlp.map(|otlp| otlp.layer()))
         .try_init();
 }
 
@@ -44,7 +51,7 @@ impl Metrics {
 pub struct Telemetry {
     pub metrics: Metrics,
     prometheus: prometheus::Registry,
-    _provider: SdkMeterProvider,
+    provider: SdkMeterProvider,
     _gauges: Vec<ObservableGauge<u64>>,
 }
 
@@ -57,6 +64,7 @@ impl Telemetry {
         registry: Registry,
         sessions: Arc<SessionHub>,
         heartbeat_interval_secs: u32,
+        otlp_endpoint: Option<&str>,
     ) -> Result<Self, TelemetryError> {
         let prometheus = prometheus::Registry::new();
         let exporter = opentelemetry_prometheus::exporter()
@@ -64,8 +72,13 @@ impl Telemetry {
             .scope_info_enabled(false)
             .build()
             .map_err(|e| TelemetryError(e.to_string()))?;
-        let provider = SdkMeterProvider::builder()
-            .with_reader(exporter)
+        let mut provider = SdkMeterProvider::builder().with_reader(exporter);
+        if let Some(endpoint) = otlp_endpoint {
+            let reader =
+                crate::otlp::metrics_reader(endpoint).map_err(|e| TelemetryError(e.to_string()))?;
+            provider = provider.with_reader(reader);
+        }
+        let provider = provider
             .with_resource(
                 opentelemetry_sdk::Resource::builder()
                     .with_service_name("nanofleet-coordinator")
@@ -118,9 +131,16 @@ impl Telemetry {
         Ok(Self {
             metrics,
             prometheus,
-            _provider: provider,
+            provider,
             _gauges: vec![nodes, streams],
         })
+    }
+
+    /// Pushes the last metrics to the OTLP collector, if any; called once on the way out.
+    pub fn shutdown(&self) {
+        if let Err(error) = self.provider.shutdown() {
+            tracing::warn!(%error, "metrics provider shutdown failed");
+        }
     }
 
     /// The current metrics in the Prometheus text exposition format.

@@ -277,6 +277,30 @@ impl Drop for Coordinator {
     }
 }
 
+/// The agent binary to start: this build's, or a cross-built one run through an emulator
+/// (`NANOFLEET_E2E_AGENT` and `NANOFLEET_E2E_AGENT_RUNNER`, e.g.
+/// `qemu-aarch64 -L /usr/aarch64-linux-gnu`; see deploy/cross-build.sh).
+pub fn agent_command() -> Command {
+    let agent = std::env::var_os("NANOFLEET_E2E_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin("nanofleet-agent"));
+    match std::env::var("NANOFLEET_E2E_AGENT_RUNNER") {
+        Ok(runner) if !runner.trim().is_empty() => {
+            let mut words = runner.split_whitespace();
+            let mut command = Command::new(words.next().expect("a runner"));
+            command.args(words).arg(agent);
+            command
+        }
+        _ => Command::new(agent),
+    }
+}
+
+/// The architecture the agents under test report: this machine's, or the cross-built
+/// agent's (`NANOFLEET_E2E_AGENT_ARCH`).
+pub fn agent_arch() -> String {
+    std::env::var("NANOFLEET_E2E_AGENT_ARCH").unwrap_or_else(|_| std::env::consts::ARCH.into())
+}
+
 /// An agent process with its own data directory.
 pub struct Agent {
     pub dir: PathBuf,
@@ -337,7 +361,7 @@ impl Agent {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "agent already running");
         self.starts += 1;
-        let mut command = Command::new(bin("nanofleet-agent"));
+        let mut command = agent_command();
         command.args(&self.args).arg("run");
         if self.starts > 1 {
             self.log = self.log.with_extension(format!("{}.log", self.starts));

@@ -47,7 +47,7 @@ fn three_agents_enroll_and_report_their_facts() {
     assert_eq!(listed, ids);
     for node in &nodes {
         let facts = &node["facts"];
-        assert_eq!(facts["arch"], std::env::consts::ARCH);
+        assert_eq!(facts["arch"], nanofleet_e2e::agent_arch());
         assert!(facts["cpu_cores"].as_u64().unwrap() >= 1);
         assert!(facts["memory_total_bytes"].as_u64().unwrap() > 0);
         assert_eq!(facts["power_source"], "POWER_SOURCE_MAINS");

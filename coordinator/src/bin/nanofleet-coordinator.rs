@@ -10,6 +10,7 @@ use nanofleet_artifact::trust::{NamePattern, Revocation, TrustPolicy, TrustedKey
 use nanofleet_coordinator::artifacts::TRUST_POLICY_FILE;
 use nanofleet_coordinator::config::CoordinatorConfig;
 use nanofleet_coordinator::dashboard::auth::Accounts;
+use nanofleet_coordinator::otlp::OtlpTraces;
 use nanofleet_coordinator::pki::Pki;
 use serde::Serialize;
 
@@ -56,6 +57,7 @@ struct Flags {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     dashboard_listen: Option<std::net::SocketAddr>,
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -284,11 +286,34 @@ fn write_cli_config(
     Ok(())
 }
 
+fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    // The OTLP exporter's gRPC channel lives on this runtime.
+    let otlp = {
+        let _runtime = runtime.enter();
+        config
+            .otlp_endpoint
+            .as_deref()
+            .map(OtlpTraces::new)
+            .transpose()?
+    };
+    nanofleet_coordinator::telemetry::init_tracing(&config.log, otlp.as_ref());
+    let result = runtime.block_on(nanofleet_coordinator::server::run(config));
+    // After the servers stopped, with the runtime still up: the exporter needs it.
+    if let Some(otlp) = &otlp {
+        otlp.shutdown();
+    }
+    Ok(result?)
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = CoordinatorConfig::load(cli.config.as_deref(), &cli.flags)
         .context("loading configuration")?;
-    nanofleet_coordinator::telemetry::init_tracing(&config.log);
+    // `serve` installs its own subscriber, with OTLP export when configured.
+    if !matches!(cli.command, Command::Serve) {
+        nanofleet_coordinator::telemetry::init_tracing(&config.log, None);
+    }
     match cli.command {
         Command::Init {
             server_names,
@@ -327,10 +352,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Trust { command } => trust(&config, command)?,
         Command::DashboardUser { command } => dashboard_user(&config, command)?,
-        Command::Serve => {
-            let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(nanofleet_coordinator::server::run(config))?;
-        }
+        Command::Serve => serve(config)?,
     }
     Ok(())
 }

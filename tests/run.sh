@@ -21,6 +21,12 @@ if ! command -v prometheus >/dev/null; then
   $sudo apt-get install -y --no-install-recommends prometheus \
     || { $sudo apt-get update && $sudo apt-get install -y --no-install-recommends prometheus; }
 fi
+# Headless Chromium and its WebDriver for the dashboard's browser test (Debian packages).
+if [ ! -x /usr/bin/chromedriver ] || [ ! -x /usr/bin/chromium ]; then
+  SUDO=$([ "$(id -u)" -eq 0 ] && echo "" || echo sudo)
+  $SUDO apt-get update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends chromium chromium-driver
+fi
 # The end-to-end harness runs the workspace binaries; build them first.
 cargo build --workspace --bins --locked
 cargo test --workspace --locked

@@ -39,6 +39,10 @@ pub struct CoordinatorConfig {
     /// per call), for audits of what devices sent. Off by default; the files hold what
     /// nodes sent, so keep the directory as private as the data directory.
     pub wire_capture_dir: Option<PathBuf>,
+    /// Address of the dashboard (HTTPS with the server certificate; operators log in with
+    /// accounts made by `nanofleet-coordinator dashboard-user add`). Off by default: set
+    /// it to serve the page, e.g. 127.0.0.1:7444.
+    pub dashboard_listen: Option<SocketAddr>,
     /// OTLP collector (gRPC, plaintext), e.g. `http://127.0.0.1:4317`: spans and metrics
     /// are exported there besides `/metrics`. Unset: no export. An unreachable collector
     /// is logged, never fatal; `OTEL_METRIC_EXPORT_INTERVAL` (ms) sets the metrics period.
@@ -59,6 +63,7 @@ impl Default for CoordinatorConfig {
             rollout_wave_timeout_secs: 600,
             log: "info".to_owned(),
             wire_capture_dir: None,
+            dashboard_listen: None,
             otlp_endpoint: None,
         }
     }
@@ -84,6 +89,7 @@ impl CoordinatorConfig {
                 "rollout_wave_timeout_secs",
                 "log",
                 "wire_capture_dir",
+                "dashboard_listen",
                 "otlp_endpoint",
             ],
             flags,

@@ -3,9 +3,9 @@
 //! The crate is layered like the request path: [`api`] is the gRPC edge (protocol types,
 //! authentication, `Status` mapping), [`registry`] holds the fleet's domain logic,
 //! [`store`] persists it behind a narrow key-value trait, and [`pki`] is the fleet CA.
-//! [`server`] wires them together with the HTTP side ([`http`]) and observability
-//! ([`telemetry`], OTLP export in [`otlp`]). See ARCHITECTURE.md at the repository root
-//! for the whole map.
+//! [`server`] wires them together with the HTTP side ([`http`]), the operators' web page
+//! ([`dashboard`]) and observability ([`telemetry`], OTLP export in [`otlp`]). See
+//! ARCHITECTURE.md at the repository root for the whole map.
 
 pub mod adapters;
 pub mod api;
@@ -13,6 +13,7 @@ pub mod artifacts;
 pub mod audit_log;
 pub mod capture;
 pub mod config;
+pub mod dashboard;
 pub mod federations;
 pub mod fleet_telemetry;
 pub mod http;

@@ -54,6 +54,8 @@ pub enum ServerError {
     Grpc(#[from] tonic::transport::Error),
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
+    #[error(transparent)]
+    Dashboard(#[from] crate::dashboard::DashboardError),
     #[error("reflection service could not be built: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -165,6 +167,15 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
             source,
         })?;
 
+    let dashboard_listener = match config.dashboard_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+
     let (cert_pem, key_pem) = pki.server_identity();
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(cert_pem, key_pem))
@@ -215,6 +226,16 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
         telemetry: fleet_telemetry.clone(),
     })
     .max_decoding_message_size(limit.max(config.max_update_bytes));
+    let dashboard = crate::dashboard::Dashboard {
+        registry: registry.clone(),
+        rollouts: rollouts.clone(),
+        federations: federations.clone(),
+        artifacts: artifacts.clone(),
+        audit: events.clone(),
+        accounts: crate::dashboard::auth::Accounts::new(&config.data_dir),
+        sessions: Default::default(),
+        heartbeat_interval_secs: interval,
+    };
     let operator = OperatorServiceServer::new(OperatorApi {
         registry,
         pki: pki.clone(),
@@ -273,6 +294,17 @@ pub async fn run(config: CoordinatorConfig) -> Result<(), ServerError> {
             stopped(stop_rx.clone()),
         );
     let http = crate::http::serve(http_listener, telemetry.clone(), stopped(stop_rx.clone()));
+    if let Some(listener) = dashboard_listener {
+        let tls = crate::dashboard::tls_config(&pki)?;
+        tracing::info!(dashboard = %listener.local_addr().map_err(ServerError::Http)?, "dashboard listening");
+        let serving =
+            crate::dashboard::serve(listener, tls, Arc::new(dashboard), stopped(stop_rx.clone()));
+        tokio::spawn(async move {
+            if let Err(error) = serving.await {
+                tracing::error!(%error, "dashboard server failed");
+            }
+        });
+    }
 
     let rollout_step = {
         let sessions = sessions_for_engine.clone();

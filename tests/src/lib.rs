@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use nanofleet_transport::ClientTls;
 
+pub mod federation;
 pub mod fleet;
 
 /// Path of a workspace binary. The test command builds them first
@@ -198,6 +199,29 @@ impl Coordinator {
             .args(args)
             .output()
             .expect("nanofleet-coordinator runs")
+    }
+
+    /// Like [`Coordinator::admin`], writing `stdin` to the command's standard input (for
+    /// secrets that never go on a command line).
+    pub fn admin_with_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(bin("nanofleet-coordinator"))
+            .args(["--data-dir", &self.dir.display().to_string()])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nanofleet-coordinator runs");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("writes stdin");
+        child
+            .wait_with_output()
+            .expect("nanofleet-coordinator ends")
     }
 
     /// Runs the CLI with `--json` and parses its output; panics on failure.

@@ -1,5 +1,5 @@
-//! `nanofleet-coordinator`: initialize a data directory, issue operator credentials, and
-//! serve the fleet.
+//! `nanofleet-coordinator`: initialize a data directory, issue operator credentials and
+//! dashboard accounts, and serve the fleet.
 
 use std::path::PathBuf;
 
@@ -9,6 +9,7 @@ use nanofleet_artifact::signing::verifying_key_from_pem;
 use nanofleet_artifact::trust::{NamePattern, Revocation, TrustPolicy, TrustedKey};
 use nanofleet_coordinator::artifacts::TRUST_POLICY_FILE;
 use nanofleet_coordinator::config::CoordinatorConfig;
+use nanofleet_coordinator::dashboard::auth::Accounts;
 use nanofleet_coordinator::otlp::OtlpTraces;
 use nanofleet_coordinator::pki::Pki;
 use serde::Serialize;
@@ -55,6 +56,7 @@ struct Flags {
     wire_capture_dir: Option<PathBuf>,
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
+    dashboard_listen: Option<std::net::SocketAddr>,
     otlp_endpoint: Option<String>,
 }
 
@@ -88,6 +90,25 @@ enum Command {
         #[command(subcommand)]
         command: TrustCommand,
     },
+    /// Operator accounts of the dashboard (argon2id hashes in
+    /// <data_dir>/dashboard-users.json, 0600), changed here on the coordinator's host.
+    DashboardUser {
+        #[command(subcommand)]
+        command: DashboardUserCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DashboardUserCommand {
+    /// Add a user or set a new password. The password is read from standard input (one
+    /// line; asked for twice without echo on a terminal), never from the command line.
+    Add {
+        name: String,
+    },
+    Remove {
+        name: String,
+    },
+    List,
 }
 
 #[derive(Subcommand)]
@@ -177,6 +198,65 @@ fn trust(config: &CoordinatorConfig, command: TrustCommand) -> anyhow::Result<()
     std::fs::write(&tmp, policy.to_json_pretty())
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+/// Reads one line from standard input: on a terminal with echo off and a prompt (and
+/// asked twice), from a pipe as it comes, so scripts can feed it.
+fn read_password() -> anyhow::Result<String> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let stdin = std::io::stdin();
+    let read_line = || -> anyhow::Result<String> {
+        let mut line = String::new();
+        stdin.lock().read_line(&mut line)?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+    };
+    if !stdin.is_terminal() {
+        return read_line();
+    }
+    let fd = libc::STDIN_FILENO;
+    // SAFETY: termios is plain data; tcgetattr fills it for a terminal we checked is one.
+    let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+    if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+        anyhow::bail!("cannot read the terminal settings");
+    }
+    let mut quiet = saved;
+    quiet.c_lflag &= !libc::ECHO;
+    let ask = |prompt: &str| -> anyhow::Result<String> {
+        eprint!("{prompt}");
+        std::io::stderr().flush()?;
+        // SAFETY: settings for our own terminal, restored below on every path.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &quiet) };
+        let line = read_line();
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &saved) };
+        eprintln!();
+        line
+    };
+    let first = ask("password: ")?;
+    if ask("again: ")? != first {
+        anyhow::bail!("the passwords differ; nothing changed");
+    }
+    Ok(first)
+}
+
+fn dashboard_user(config: &CoordinatorConfig, command: DashboardUserCommand) -> anyhow::Result<()> {
+    let accounts = Accounts::new(&config.data_dir);
+    match command {
+        DashboardUserCommand::Add { name } => {
+            let password = read_password()?;
+            accounts.set(&name, &password)?;
+            println!("dashboard user {name} can log in");
+        }
+        DashboardUserCommand::Remove { name } => {
+            accounts.remove(&name)?;
+            println!("removed dashboard user {name} (their open sessions end now)");
+        }
+        DashboardUserCommand::List => {
+            for (name, _) in accounts.list()? {
+                println!("{name}");
+            }
+        }
+    }
     Ok(())
 }
 
@@ -271,6 +351,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Command::Trust { command } => trust(&config, command)?,
+        Command::DashboardUser { command } => dashboard_user(&config, command)?,
         Command::Serve => serve(config)?,
     }
     Ok(())

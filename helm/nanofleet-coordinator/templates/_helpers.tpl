@@ -62,7 +62,7 @@ app.kubernetes.io/part-of: nanofleet
 
 {{/* Handler of the startup, liveness and readiness probes (probes.type). */}}
 {{- define "nanofleet-coordinator.probeHandler" -}}
-{{- if eq .Values.probes.type "grpc" }}
+{{- if eq .Values.probes.type "grpc" -}}
 exec:
   command:
     - nanofleet-coordinator
@@ -75,7 +75,7 @@ exec:
     - --tls-server-name
     - {{ . }}
     {{- end }}
-{{- else }}
+{{- else -}}
 httpGet:
   path: /healthz
   port: http

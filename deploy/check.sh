@@ -22,6 +22,15 @@ max_exposure=20
 
 fail() { echo "deploy/check.sh: FAILED: $*" >&2; exit 1; }
 
+# python3 -m venv, installing Debian's python3-venv first where it is missing.
+make_venv() {
+  python3 -m venv "$1" >/dev/null 2>&1 && return 0
+  rm -rf "$1"
+  [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || return 1
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null \
+    && python3 -m venv "$1"
+}
+
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -91,7 +100,7 @@ done
 stamp="$venv/.nanofleet-requirements"
 if [ ! -x "$venv/bin/hadolint" ] || [ "$(cat "$stamp" 2>/dev/null)" != "${requirements[*]}" ]; then
   echo "==> installing ${requirements[*]} into $venv"
-  python3 -m venv "$venv" || fail "cannot create a virtual environment at $venv (python3-venv missing?)"
+  make_venv "$venv" || fail "cannot create a virtual environment at $venv (python3-venv missing?)"
   "$venv/bin/pip" install --quiet --disable-pip-version-check "${requirements[@]}" \
     || fail "pip install of ${requirements[*]} failed"
   echo "${requirements[*]}" >"$stamp"
@@ -112,9 +121,9 @@ if "${compose[@]}" -f "$work/compose-bad.yaml" config -q >/dev/null 2>&1; then
   fail "compose accepted a file with an unknown key: the check does not work here"
 fi
 echo "    (a compose file with an unknown key is rejected)"
-for service in coordinator agent-1 agent-2 agent-3 prometheus; do
-  "${compose[@]}" -f deploy/compose.yaml config --services | grep -qx "$service" \
-    || fail "deploy/compose.yaml has no service $service"
+services=$("${compose[@]}" -f deploy/compose.yaml config --services)
+for service in coordinator-init coordinator enroll agent-1 agent-2 agent-3 prometheus; do
+  grep -qx "$service" <<<"$services" || fail "deploy/compose.yaml has no service $service"
 done
 grep -q 'coordinator:7480' deploy/prometheus.yml || fail "deploy/prometheus.yml does not scrape coordinator:7480"
 

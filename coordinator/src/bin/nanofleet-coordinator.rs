@@ -1,5 +1,5 @@
 //! `nanofleet-coordinator`: initialize a data directory, issue operator credentials and
-//! dashboard accounts, and serve the fleet.
+//! dashboard accounts, serve the fleet, and check a serving coordinator's gRPC health.
 
 use std::path::PathBuf;
 
@@ -96,6 +96,10 @@ enum Command {
         #[command(subcommand)]
         command: DashboardUserCommand,
     },
+    /// Ask a serving coordinator for its gRPC health (grpc.health.v1 `Check`) over TLS,
+    /// trusting the fleet CA. Prints the status; exits 0 only when it is SERVING. Meant
+    /// for exec probes: the gRPC port is TLS-only, so plain gRPC probes cannot reach it.
+    Health(HealthArgs),
 }
 
 #[derive(Subcommand)]
@@ -109,6 +113,27 @@ enum DashboardUserCommand {
         name: String,
     },
     List,
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    /// Coordinator URL. Default: `https://` and the configured `grpc_listen`, with
+    /// loopback in place of an unspecified address (0.0.0.0 or ::).
+    #[arg(long)]
+    url: Option<String>,
+    /// Service to ask about, e.g. `nanofleet.v1.NodeService`; empty = the whole server.
+    #[arg(long, default_value = "")]
+    service: String,
+    /// Fleet CA certificate (PEM) the server certificate must chain to.
+    /// Default: `<data_dir>/ca.crt`.
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    /// Name the server certificate must carry, when it differs from the URL's host.
+    #[arg(long)]
+    tls_server_name: Option<String>,
+    /// Give up after this long (connecting and the call together), e.g. 5s.
+    #[arg(long, default_value = "5s")]
+    timeout: humantime::Duration,
 }
 
 #[derive(Subcommand)]
@@ -306,6 +331,75 @@ fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     Ok(result?)
 }
 
+/// `https://` URL of the gRPC port as seen from this host: loopback in place of an
+/// unspecified listen address (the default server certificate names 127.0.0.1 and ::1).
+fn local_grpc_url(listen: std::net::SocketAddr) -> String {
+    let host = match listen.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".to_owned(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => "[::1]".to_owned(),
+        std::net::IpAddr::V4(ip) => ip.to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+    };
+    format!("https://{host}:{}", listen.port())
+}
+
+async fn health(config: &CoordinatorConfig, args: HealthArgs) -> anyhow::Result<()> {
+    use nanofleet_transport::error_chain;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+    let url = args
+        .url
+        .unwrap_or_else(|| local_grpc_url(config.grpc_listen));
+    let ca_path = args
+        .ca_cert
+        .unwrap_or_else(|| config.data_dir.join("ca.crt"));
+    let ca_pem =
+        std::fs::read(&ca_path).with_context(|| format!("reading {}", ca_path.display()))?;
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+    if let Some(name) = args.tls_server_name {
+        tls = tls.domain_name(name);
+    }
+    let timeout: std::time::Duration = args.timeout.into();
+    let endpoint = Endpoint::from_shared(url.clone())
+        .with_context(|| format!("{url:?} is not a valid URL"))?
+        .tls_config(tls)
+        .with_context(|| format!("TLS configuration for {url} was refused"))?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let check = async {
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to {url}: {}", error_chain(&e)))?;
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: args.service.clone(),
+            })
+            .await
+            .map_err(|status| {
+                anyhow::anyhow!(
+                    "health check of {url} failed: {:?}: {}",
+                    status.code(),
+                    status.message()
+                )
+            })
+    };
+    let response = tokio::time::timeout(timeout, check)
+        .await
+        .map_err(|_| anyhow::anyhow!("no health answer from {url} within {}", args.timeout))??;
+    let status =
+        ServingStatus::try_from(response.into_inner().status).unwrap_or(ServingStatus::Unknown);
+    println!("{}", status.as_str_name());
+    anyhow::ensure!(
+        status == ServingStatus::Serving,
+        "{url} is not serving ({})",
+        status.as_str_name()
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = CoordinatorConfig::load(cli.config.as_deref(), &cli.flags)
@@ -353,6 +447,12 @@ fn main() -> anyhow::Result<()> {
         Command::Trust { command } => trust(&config, command)?,
         Command::DashboardUser { command } => dashboard_user(&config, command)?,
         Command::Serve => serve(config)?,
+        Command::Health(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(health(&config, args))?;
+        }
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 
 grpc_port=${NANOFLEET_DEMO_GRPC_PORT:-7443}
 http_port=${NANOFLEET_DEMO_HTTP_PORT:-7480}
+dashboard_port=${NANOFLEET_DEMO_DASHBOARD_PORT:-7444}
 api_port=${NANOFLEET_DEMO_API_PORT:-8081}   # agent i's local API: api_port + i
 work=${NANOFLEET_DEMO_DIR:-$(mktemp -d /tmp/nanofleet-demo.XXXXXX)}
 bin=target/release
@@ -55,9 +56,14 @@ $bin/nanofleet model keygen --out "$work/publisher"
 $bin/nanofleet-coordinator --data-dir "$work/coordinator" trust add-key \
   --key "$work/publisher/publisher.pub" --names 'smollm2-*'
 
-step "starting the coordinator: gRPC https://127.0.0.1:$grpc_port, HTTP http://127.0.0.1:$http_port"
+step "a dashboard account for the operator (argon2id hash in the data directory; the password in $work/dashboard-password, 0600)"
+(umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$work/dashboard-password")
+$bin/nanofleet-coordinator --data-dir "$work/coordinator" dashboard-user add operator <"$work/dashboard-password"
+
+step "starting the coordinator: gRPC https://127.0.0.1:$grpc_port, HTTP http://127.0.0.1:$http_port, dashboard https://127.0.0.1:$dashboard_port"
 $bin/nanofleet-coordinator --data-dir "$work/coordinator" \
   --grpc-listen "127.0.0.1:$grpc_port" --http-listen "127.0.0.1:$http_port" \
+  --dashboard-listen "127.0.0.1:$dashboard_port" \
   --heartbeat-interval-secs 2 serve 2>"$work/coordinator.log" &
 pids+=($!)
 for _ in $(seq 100); do
@@ -140,6 +146,15 @@ $bin/nanofleet audit export --out "$work/audit.jsonl"
 $bin/nanofleet audit export --format csv --action rollout. | cut -d, -f1,2,4,5,6 | head -12
 $bin/nanofleet audit verify "$work/audit.jsonl" --key "$work/coordinator/audit-signing.pub"
 
+step "the dashboard (https://127.0.0.1:$dashboard_port/): logging in and reading the fleet view's data"
+jar="$work/dashboard-cookies"
+python3 -c 'import json, sys; print(json.dumps({"user": "operator", "password": open(sys.argv[1]).read().strip()}))' \
+  "$work/dashboard-password" \
+  | curl -sf --cacert "$work/coordinator/ca.crt" -c "$jar" -H 'Content-Type: application/json' \
+      --data-binary @- "https://127.0.0.1:$dashboard_port/login" >/dev/null
+curl -sf --cacert "$work/coordinator/ca.crt" -b "$jar" "https://127.0.0.1:$dashboard_port/api/nodes" \
+  | python3 -c 'import json, sys; nodes = json.load(sys.stdin); nodes = nodes.get("nodes", nodes) if isinstance(nodes, dict) else nodes; print(len(nodes), "nodes on the dashboard")'
+
 step "fleet metrics (Prometheus text at http://127.0.0.1:$http_port/metrics)"
 curl -s "http://127.0.0.1:$http_port/metrics" | grep '^nanofleet_'
 
@@ -151,6 +166,8 @@ plant-codes-adapter@1.0.0 (the federation's adapter), state in $work
                  $bin/nanofleet nodes list
   local API:     http://127.0.0.1:$api_port/v1 (agents 1 and 2: ports $((api_port + 1)), $((api_port + 2)))
   metrics:       http://127.0.0.1:$http_port/metrics
+  dashboard:     https://127.0.0.1:$dashboard_port/ (user operator, password in $work/dashboard-password;
+                 the certificate is the fleet CA's: $work/coordinator/ca.crt)
   audit log:     $work/audit.jsonl (check: $bin/nanofleet audit verify $work/audit.jsonl --key $work/coordinator/audit-signing.pub)
   logs:          $work/*.log
 TXT

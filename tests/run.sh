@@ -19,19 +19,17 @@ if ! PYTHONPATH=$NANOFLEET_TEST_PYTHONPATH python3 -c 'import openai' 2>/dev/nul
     || python3 -m pip install --quiet --break-system-packages --target "$NANOFLEET_TEST_PYTHONPATH" openai
 fi
 export NANOFLEET_TEST_PYTHONPATH
-# Prometheus (Debian's package), which the observability test starts to scrape /metrics.
-if ! command -v prometheus >/dev/null; then
-  sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
+# Debian packages the tests start: Prometheus (the observability test scrapes /metrics
+# with it) and headless Chromium with its WebDriver (the dashboard's browser test).
+install_packages() {
+  local sudo=
+  [ "$(id -u)" = 0 ] || sudo=sudo
   export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get install -y --no-install-recommends prometheus \
-    || { $sudo apt-get update && $sudo apt-get install -y --no-install-recommends prometheus; }
-fi
-# Headless Chromium and its WebDriver for the dashboard's browser test (Debian packages).
-if [ ! -x /usr/bin/chromedriver ] || [ ! -x /usr/bin/chromium ]; then
-  SUDO=$([ "$(id -u)" -eq 0 ] && echo "" || echo sudo)
-  $SUDO apt-get update
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends chromium chromium-driver
-fi
+  $sudo apt-get install -y --no-install-recommends "$@" \
+    || { $sudo apt-get update && $sudo apt-get install -y --no-install-recommends "$@"; }
+}
+command -v prometheus >/dev/null || install_packages prometheus
+[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || install_packages chromium chromium-driver
 # The end-to-end harness runs the workspace binaries; build them first.
 cargo build --workspace --bins --locked
 cargo test --workspace --locked

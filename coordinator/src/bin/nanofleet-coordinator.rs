@@ -57,6 +57,8 @@ struct Flags {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     dashboard_listen: Option<std::net::SocketAddr>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     otlp_endpoint: Option<String>,
 }
 

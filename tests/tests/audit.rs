@@ -50,6 +50,16 @@ fn leaf(store: &SledStore, index: u64) -> Vec<u8> {
         .unwrap()
 }
 
+fn swap_leaves(store: &SledStore, a: u64, b: u64) {
+    let (first, second) = (leaf(store, a), leaf(store, b));
+    store
+        .put(Keyspace::AuditLeaves, &a.to_be_bytes(), &second)
+        .unwrap();
+    store
+        .put(Keyspace::AuditLeaves, &b.to_be_bytes(), &first)
+        .unwrap();
+}
+
 #[test]
 fn the_audit_log_records_the_fleet_and_detects_tampering() {
     let root = tempfile::tempdir().unwrap();
@@ -200,30 +210,14 @@ fn the_audit_log_records_the_fleet_and_detects_tampering() {
     assert!(verified, "the restored log must verify again: {output}");
 
     // Reordering two entries.
-    with_stored_leaves(&mut coordinator, |store| {
-        let (one, two) = (leaf(store, 1), leaf(store, 2));
-        store
-            .put(Keyspace::AuditLeaves, &1u64.to_be_bytes(), &two)
-            .unwrap();
-        store
-            .put(Keyspace::AuditLeaves, &2u64.to_be_bytes(), &one)
-            .unwrap();
-    });
+    with_stored_leaves(&mut coordinator, |store| swap_leaves(store, 1, 2));
     let (verified, output) = export_and_verify(&coordinator, &work, "reordered.jsonl");
     assert!(!verified, "reordered entries verified: {output}");
     assert!(
         output.contains("do not hash to the signed root"),
         "{output}"
     );
-    with_stored_leaves(&mut coordinator, |store| {
-        let (one, two) = (leaf(store, 1), leaf(store, 2));
-        store
-            .put(Keyspace::AuditLeaves, &1u64.to_be_bytes(), &two)
-            .unwrap();
-        store
-            .put(Keyspace::AuditLeaves, &2u64.to_be_bytes(), &one)
-            .unwrap();
-    });
+    with_stored_leaves(&mut coordinator, |store| swap_leaves(store, 1, 2));
     let (verified, output) = export_and_verify(&coordinator, &work, "swapped-back.jsonl");
     assert!(verified, "{output}");
 

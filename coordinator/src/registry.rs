@@ -54,6 +54,9 @@ pub struct DeviceFacts {
     /// Examples in the node's local training data; the data never leaves the device.
     #[serde(default)]
     pub training_examples: u64,
+    /// Where the agent runs its models ("cpu", "cuda:0 (<GPU>)"); empty: it serves none.
+    #[serde(default)]
+    pub inference_device: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +182,7 @@ pub fn validate_facts(facts: &DeviceFacts) -> Result<(), RegistryError> {
         ("facts.os_version", &facts.os_version),
         ("facts.agent_version", &facts.agent_version),
         ("facts.hostname", &facts.hostname),
+        ("facts.inference_device", &facts.inference_device),
     ];
     for (field, text) in texts {
         if text.len() > MAX_TEXT {

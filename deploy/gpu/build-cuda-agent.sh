@@ -13,8 +13,8 @@
 # The CPU build (`cargo build`) stays the default and needs none of this.
 #
 # Usage: deploy/gpu/build-cuda-agent.sh [OUT_DIR]
-#   Writes nanofleet-agent and bench (the inference benchmark) to OUT_DIR (default
-#   target-cuda/dist). env: CARGO_TARGET_DIR (default target-cuda), CUDA_COMPUTE_CAP (90).
+#   Writes nanofleet-agent, bench (the inference benchmark) and device_parity (GPU against
+#   CPU greedy output) to OUT_DIR (default target-cuda/dist). env: CARGO_TARGET_DIR (default target-cuda), CUDA_COMPUTE_CAP (90).
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -60,8 +60,9 @@ cd "$root"
 echo "building with CUDA (compute capability $CUDA_COMPUTE_CAP) into $CARGO_TARGET_DIR" >&2
 cargo build --release --locked \
   -p nanofleet-agent --features nanofleet-agent/cuda --bin nanofleet-agent \
-  -p nanofleet-inference --example bench
+  -p nanofleet-inference --example bench --example device_parity
 mkdir -p "$out"
-cp "$CARGO_TARGET_DIR/release/nanofleet-agent" "$CARGO_TARGET_DIR/release/examples/bench" "$out/"
-strip "$out/nanofleet-agent" "$out/bench"
+cp "$CARGO_TARGET_DIR/release/nanofleet-agent" "$CARGO_TARGET_DIR/release/examples/bench" \
+  "$CARGO_TARGET_DIR/release/examples/device_parity" "$out/"
+strip "$out/nanofleet-agent" "$out/bench" "$out/device_parity"
 ls -l "$out" >&2

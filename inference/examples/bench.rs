@@ -11,12 +11,15 @@
 //! reported all the same.
 //!
 //! Prints one JSON object on stdout.
-//! Usage: bench MODEL.gguf [THREADS] [PROMPT_TOKENS] [GEN_TOKENS] [REPETITIONS]
+//! Usage: bench MODEL.gguf [THREADS] [PROMPT_TOKENS] [GEN_TOKENS] [REPETITIONS] [DEVICE]
+//! (DEVICE: cpu (default), cuda or cuda:N, the latter with the `cuda` feature.)
 
 use std::ops::ControlFlow;
 use std::time::Instant;
 
-use nanofleet_inference::{Engine, EngineOptions, GenerateRequest, Prompt, TokenType};
+use nanofleet_inference::{
+    DeviceChoice, Engine, EngineOptions, GenerateRequest, Prompt, TokenType,
+};
 
 fn mean_and_sd(values: &[f64]) -> (f64, f64) {
     let n = values.len() as f64;
@@ -49,7 +52,8 @@ fn prompt_ids(engine: &Engine, count: usize) -> Vec<u32> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: bench MODEL.gguf [THREADS] [PROMPT_TOKENS] [GEN_TOKENS] [REPETITIONS]";
+    let usage =
+        "usage: bench MODEL.gguf [THREADS] [PROMPT_TOKENS] [GEN_TOKENS] [REPETITIONS] [DEVICE]";
     let path = args.first().ok_or(usage)?;
     let arg = |i: usize, default: usize| -> Result<usize, Box<dyn std::error::Error>> {
         Ok(args
@@ -62,12 +66,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n_prompt = arg(2, 512)?;
     let n_gen = arg(3, 128)?;
     let repetitions = arg(4, 3)?.max(1);
+    let device: DeviceChoice = args.get(5).map_or("cpu", String::as_str).parse()?;
 
     let started = Instant::now();
     let engine = Engine::load(
         path,
         EngineOptions {
             threads: Some(threads),
+            device: device.open()?,
             ..EngineOptions::default()
         },
     )?;
@@ -103,7 +109,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (pp_mean, pp_sd) = mean_and_sd(&pp);
     let (tg_mean, tg_sd) = mean_and_sd(&tg);
     println!(
-        "{{\"load_s\": {load_s:.4}, \"threads\": {threads}, \"n_prompt\": {n_prompt}, \"pp_tps\": {pp_mean:.3}, \"pp_sd\": {pp_sd:.3}, \"n_gen\": {n_gen}, \"tg_tokens_min\": {}, \"tg_tps\": {tg_mean:.3}, \"tg_sd\": {tg_sd:.3}, \"repetitions\": {repetitions}}}",
+        "{{\"device\": {:?}, \"load_s\": {load_s:.4}, \"threads\": {threads}, \"n_prompt\": {n_prompt}, \"pp_tps\": {pp_mean:.3}, \"pp_sd\": {pp_sd:.3}, \"n_gen\": {n_gen}, \"tg_tokens_min\": {}, \"tg_tps\": {tg_mean:.3}, \"tg_sd\": {tg_sd:.3}, \"repetitions\": {repetitions}}}",
+        engine.model_info().device,
         tg_tokens.iter().min().copied().unwrap_or(0)
     );
     Ok(())

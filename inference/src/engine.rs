@@ -11,7 +11,7 @@ use candle_core::Device;
 use serde::Serialize;
 
 use crate::chat::{ChatMessage, ChatTemplate};
-use crate::error::{InferenceError, Result};
+use crate::error::{model_err, InferenceError, Result};
 use crate::lora::{LoraAdapter, LoraConfig};
 use crate::metadata::Metadata;
 use crate::model::{Architecture, Weights};
@@ -30,7 +30,7 @@ pub struct EngineOptions {
     pub threads: Option<usize>,
     /// A context shorter than the model's, to bound KV-cache memory on small devices.
     pub context_length: Option<usize>,
-    /// Where the weights live; CPU unless the crate is built with the `cuda` feature.
+    /// Where the weights live and the forward pass runs; see [`crate::DeviceChoice::open`].
     pub device: Device,
     /// A LoRA adapter applied unmerged on top of the quantized base (llama models only).
     pub lora: Option<LoraSource>,
@@ -82,6 +82,8 @@ pub struct ModelInfo {
     pub tensor_count: usize,
     /// Linear layers with a LoRA delta; 0 without an adapter.
     pub lora_adapted_layers: usize,
+    /// Where the model runs, as [`crate::device::describe`] says it.
+    pub device: String,
     pub load_time: Duration,
 }
 
@@ -283,6 +285,12 @@ impl Engine {
                         LoraAdapter::load_safetensors(file, heads, kv_heads, &options.device)?
                     }
                     LoraSource::PeftTensors { config, tensors } => {
+                        // Fresh from training on the CPU; the adapter lives beside the weights.
+                        let tensors = tensors
+                            .into_iter()
+                            .map(|(name, tensor)| Ok((name, tensor.to_device(&options.device)?)))
+                            .collect::<candle_core::Result<_>>()
+                            .map_err(model_err("moving the adapter to the device"))?;
                         LoraAdapter::from_peft_tensors(config, tensors, heads, kv_heads)?
                     }
                 })
@@ -307,6 +315,7 @@ impl Engine {
             chat_template_from_model: template.is_from_model(),
             tensor_count,
             lora_adapted_layers: adapter.as_ref().map_or(0, LoraAdapter::len),
+            device: crate::device::describe(&options.device),
             load_time: started.elapsed(),
         };
         Ok(Self {

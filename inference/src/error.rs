@@ -49,6 +49,8 @@ pub enum InferenceError {
     },
     #[error("invalid sampling parameter: {0}")]
     InvalidSampling(String),
+    #[error("{0}")]
+    Device(String),
     #[error("model {operation} failed: {source}")]
     Model {
         operation: &'static str,

@@ -19,6 +19,7 @@
 
 mod adapted_llama;
 mod chat;
+pub mod device;
 mod engine;
 mod error;
 pub mod lora;
@@ -30,7 +31,9 @@ mod text;
 pub mod tiny;
 mod tokenizer;
 
+pub use candle_core::Device;
 pub use chat::{ChatMessage, ChatTemplate, CHATML_TEMPLATE};
+pub use device::DeviceChoice;
 pub use engine::{
     Completion, Engine, EngineOptions, FinishReason, GenerateRequest, GenerateStats, LoraSource,
     ModelInfo, Prompt, TokenEvent,

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use nanofleet_config::Secret;
+use nanofleet_inference::DeviceChoice;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -48,6 +49,10 @@ pub struct AgentConfig {
     pub api_queue_depth: usize,
     /// Threads for the forward pass; unset = one per core.
     pub inference_threads: Option<usize>,
+    /// Where models run: `auto` (the first CUDA GPU when the agent is built with the `cuda`
+    /// feature and one is usable, else the CPU), `cpu`, `cuda` or `cuda:N` (that GPU, or
+    /// the agent does not start).
+    pub inference_device: DeviceChoice,
     /// Cap on a model's context length, to bound KV-cache memory; unset = the model's own.
     pub context_length: Option<usize>,
     /// The user message every model must answer before it serves.
@@ -90,6 +95,7 @@ impl Default for AgentConfig {
             api_max_concurrent: 2,
             api_queue_depth: 16,
             inference_threads: None,
+            inference_device: DeviceChoice::Auto,
             context_length: None,
             smoke_prompt: "Say hello.".to_owned(),
             smoke_max_tokens: 8,
@@ -124,6 +130,7 @@ impl AgentConfig {
                 "api_max_concurrent",
                 "api_queue_depth",
                 "inference_threads",
+                "inference_device",
                 "context_length",
                 "training_data",
                 "holdout_fraction",

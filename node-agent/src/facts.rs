@@ -27,8 +27,9 @@ pub fn collect(labels: &BTreeMap<String, String>) -> DeviceFacts {
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         hostname: sysinfo::System::host_name().unwrap_or_default(),
         labels: labels.clone().into_iter().collect(),
-        // Filled in by the session from the loaded training data.
+        // Filled in by the session from the loaded training data and the model host.
         training_examples: 0,
+        inference_device: String::new(),
     }
 }
 

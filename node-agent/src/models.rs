@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nanofleet_inference::{
-    ChatMessage, Completion, Engine, EngineOptions, GenerateRequest, InferenceError, LoraSource,
+    ChatMessage, Completion, Device, Engine, EngineOptions, GenerateRequest, InferenceError,
+    LoraSource,
 };
 use serde::Serialize;
 
@@ -21,6 +22,8 @@ pub struct HostOptions {
     pub threads: Option<usize>,
     /// A context shorter than the model's, to bound KV-cache memory.
     pub context_length: Option<usize>,
+    /// Where every model this host loads runs (opened once, at start).
+    pub device: Device,
     /// The user message of the smoke prompt every model must answer before it serves.
     pub smoke_prompt: String,
     /// Tokens the smoke prompt generates.
@@ -198,6 +201,11 @@ impl ModelHost {
         (buffer.events.drain(..).collect(), dropped)
     }
 
+    /// Where this host's models run, e.g. `cpu` or `cuda:0 (NVIDIA H100 80GB HBM3)`.
+    pub fn device_description(&self) -> String {
+        nanofleet_inference::device::describe(&self.options.device)
+    }
+
     /// Loads `file` (with `lora` applied, for an adapter served on its base model) and runs
     /// the smoke prompt on it. Blocking and CPU-heavy: call it from a blocking thread.
     /// Nothing changes for the models being served.
@@ -213,8 +221,8 @@ impl ModelHost {
             EngineOptions {
                 threads: self.options.threads,
                 context_length: self.options.context_length,
+                device: self.options.device.clone(),
                 lora,
-                ..EngineOptions::default()
             },
         )
         .map_err(ProveError::Load)?;
@@ -391,6 +399,7 @@ mod tests {
         ModelHost::new(HostOptions {
             threads: Some(1),
             context_length: None,
+            device: nanofleet_inference::Device::Cpu,
             smoke_prompt: "Say hello.".into(),
             smoke_max_tokens: 4,
         })

@@ -45,6 +45,8 @@ fn classify(status: tonic::Status) -> SessionError {
 
 pub struct SessionOptions {
     pub labels: BTreeMap<String, String>,
+    /// Where this agent runs models, reported in its facts; empty when it serves none.
+    pub inference_device: String,
     pub reconnect_max: Duration,
     pub artifacts: Arc<ArtifactManager>,
     /// Local training data and trainer settings; `None`: the node declines every round.
@@ -216,6 +218,7 @@ async fn connect_once(
                     .training
                     .as_ref()
                     .map_or(0, |t| t.data.len() as u64);
+                facts.inference_device.clone_from(&options.inference_device);
                 let request = HeartbeatRequest {
                     facts: Some(facts),
                     sequence: *sequence,

@@ -773,6 +773,7 @@ mod tests {
         let host = Arc::new(ModelHost::new(crate::models::HostOptions {
             threads: Some(1),
             context_length: None,
+            device: nanofleet_inference::Device::Cpu,
             smoke_prompt: "Say hello.".into(),
             smoke_max_tokens: 2,
         }));

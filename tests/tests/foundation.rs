@@ -53,6 +53,8 @@ fn three_agents_enroll_and_report_their_facts() {
         assert_eq!(facts["power_source"], "POWER_SOURCE_MAINS");
         assert!(!facts["os"].as_str().unwrap().is_empty());
         assert_eq!(facts["agent_version"], env!("CARGO_PKG_VERSION"));
+        // The CPU build of the agent serves models on the CPU and says so.
+        assert_eq!(facts["inference_device"], "cpu");
         // Token labels from the operator and device labels from the agent both arrive.
         assert!(node["labels"]["site"]
             .as_str()

@@ -45,6 +45,7 @@ pub fn facts_from_proto(facts: Option<pb::DeviceFacts>) -> DeviceFacts {
         hostname: f.hostname,
         labels: f.labels.into_iter().collect(),
         training_examples: f.training_examples,
+        inference_device: f.inference_device,
     }
 }
 
@@ -76,6 +77,7 @@ pub fn facts_to_proto(f: &DeviceFacts) -> pb::DeviceFacts {
         hostname: f.hostname.clone(),
         labels: f.labels.clone().into_iter().collect(),
         training_examples: f.training_examples,
+        inference_device: f.inference_device.clone(),
     }
 }
 
@@ -494,6 +496,7 @@ mod tests {
             hostname: "dev-1".into(),
             labels: [("site".to_owned(), "a".to_owned())].into(),
             training_examples: 120,
+            inference_device: "cuda:0 (H100)".into(),
         };
         assert_eq!(facts_from_proto(Some(facts_to_proto(&facts))), facts);
     }

@@ -83,6 +83,7 @@ fn node_view(dashboard: &Dashboard, node: &NodeRecord, now: i64) -> Result<Value
         "memory_total_bytes": f.memory_total_bytes,
         "memory_available_bytes": f.memory_available_bytes,
         "accelerators": f.accelerators,
+        "inference_device": f.inference_device,
         "power_source": f.power_source,
         "battery_percent": f.battery_percent,
         "charging": f.charging,

@@ -75,6 +75,10 @@ struct Flags {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     inference_threads: Option<usize>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inference_device: Option<String>,
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     context_length: Option<usize>,
@@ -115,6 +119,19 @@ enum Command {
     /// Generate text from a local GGUF, without the coordinator or the API: the text on
     /// stdout, load time and speed on stderr.
     Generate(GenerateArgs),
+    /// Serve a local GGUF on the local API, without a coordinator (as `llama-server -m`
+    /// would): proven with the smoke prompt first, like every model a rollout activates.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The GGUF model file.
+    #[arg(long)]
+    model: PathBuf,
+    /// The model id clients ask for (default: the file name without `.gguf`).
+    #[arg(long)]
+    name: Option<String>,
 }
 
 #[derive(Args)]
@@ -156,15 +173,17 @@ fn generate(args: GenerateArgs, config: &AgentConfig) -> anyhow::Result<()> {
         EngineOptions {
             threads: args.threads.or(config.inference_threads),
             context_length: config.context_length,
-            ..EngineOptions::default()
+            device: config.inference_device.open()?,
+            lora: None,
         },
     )?;
     let info = engine.model_info();
     eprintln!(
-        "loaded {} ({}, context {}) in {:.3} s",
+        "loaded {} ({}, context {}) on {} in {:.3} s",
         args.model.display(),
         info.architecture.gguf_name(),
         info.context_length,
+        info.device,
         info.load_time.as_secs_f64()
     );
     let prompt = if args.chat {
@@ -254,14 +273,14 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
             None
         }
     };
-    let host = config.serve_models.then(|| {
-        Arc::new(ModelHost::new(HostOptions {
-            threads: config.inference_threads,
-            context_length: config.context_length,
-            smoke_prompt: config.smoke_prompt.clone(),
-            smoke_max_tokens: config.smoke_max_tokens,
-        }))
-    });
+    let host = match config.serve_models {
+        true => Some(model_host(&config)?),
+        false => None,
+    };
+    let inference_device = host
+        .as_ref()
+        .map(|host| host.device_description())
+        .unwrap_or_default();
     let api = match &host {
         Some(host) if !config.api_listen.is_empty() => {
             Some(start_api(&config, host.clone()).await?)
@@ -308,6 +327,7 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
         identity,
         SessionOptions {
             labels: config.labels.clone(),
+            inference_device,
             reconnect_max: Duration::from_millis(config.reconnect_max_ms),
             artifacts,
             training,
@@ -326,6 +346,52 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
             tracing::info!("shutting down");
             Ok(())
         }
+    }
+}
+
+/// The host that loads, proves and serves models, on the configured device.
+fn model_host(config: &AgentConfig) -> anyhow::Result<Arc<ModelHost>> {
+    let device = config.inference_device.open()?;
+    let host = ModelHost::new(HostOptions {
+        threads: config.inference_threads,
+        context_length: config.context_length,
+        device,
+        smoke_prompt: config.smoke_prompt.clone(),
+        smoke_max_tokens: config.smoke_max_tokens,
+    });
+    tracing::info!(device = %host.device_description(), "models run on this device");
+    Ok(Arc::new(host))
+}
+
+/// `serve`: one local model on the local API until a shutdown signal.
+async fn serve(args: ServeArgs, config: &AgentConfig) -> anyhow::Result<()> {
+    let host = model_host(config)?;
+    let name = match args.name {
+        Some(name) => name,
+        None => args
+            .model
+            .file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+            .context("--model has no file name")?,
+    };
+    let model = {
+        let host = host.clone();
+        let file = args.model.clone();
+        tokio::task::spawn_blocking(move || host.prove(&name, "local", &file, None)).await?
+    }
+    .with_context(|| format!("serving {}", args.model.display()))?;
+    tracing::info!(
+        model = %model.name,
+        device = %model.engine.model_info().device,
+        "model proven with the smoke prompt"
+    );
+    host.activate(model);
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let api = start_api(config, host).await?;
+    tokio::select! {
+        stopped = api => Err(anyhow::anyhow!("the local API stopped: {stopped:?}")),
+        _ = shutdown_signal() => Ok(()),
     }
 }
 
@@ -390,11 +456,16 @@ fn main() {
             }
             Command::Run => run(config).await,
             Command::Facts => {
-                let facts = nanofleet_agent::facts::collect(&config.labels);
+                let mut facts = nanofleet_agent::facts::collect(&config.labels);
+                if config.serve_models {
+                    facts.inference_device =
+                        nanofleet_inference::device::describe(&config.inference_device.open()?);
+                }
                 println!("{facts:#?}");
                 Ok(())
             }
             Command::Generate(args) => generate(args, &config),
+            Command::Serve(args) => serve(args, &config).await,
         }
     });
     if let Err(error) = result {

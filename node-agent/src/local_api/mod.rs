@@ -244,6 +244,7 @@ async fn models(State(state): State<Shared>) -> Response {
                 "version": model.version,
                 "architecture": info.architecture,
                 "context_length": info.context_length,
+                "device": info.device,
             })
         })
         .collect();
@@ -481,6 +482,7 @@ mod tests {
         let host = Arc::new(ModelHost::new(HostOptions {
             threads: Some(1),
             context_length: None,
+            device: nanofleet_inference::Device::Cpu,
             smoke_prompt: "Say hello.".into(),
             smoke_max_tokens: 2,
         }));
@@ -550,6 +552,7 @@ mod tests {
         let models: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(models["data"][0]["id"], "tiny");
         assert_eq!(models["data"][0]["version"], "1.0.0");
+        assert_eq!(models["data"][0]["device"], "cpu");
 
         let (status, body) = call(
             &router,

@@ -493,6 +493,7 @@ fn node_json(node: &pb::Node) -> serde_json::Value {
             "os_version": facts.os_version,
             "agent_version": facts.agent_version,
             "hostname": facts.hostname,
+            "inference_device": facts.inference_device,
         },
     })
 }

@@ -137,6 +137,7 @@ async function loadFleet() {
       `${node.cpu_cores} cores`,
       `${bytes(node.memory_available_bytes)} free of ${bytes(node.memory_total_bytes)}`,
       ...node.accelerators.map((a) => `${a.kind} ${a.name}${a.memory_bytes ? ` (${bytes(a.memory_bytes)})` : ""}`),
+      node.inference_device ? `models on ${node.inference_device}` : null,
       node.power_source === "Battery" ? `battery ${node.battery_percent ?? "?"}%${node.charging ? " charging" : ""}` : null,
     ].filter(Boolean).join(" · ");
     const artifacts = node.artifacts.map((a) => el("div", {},

@@ -307,6 +307,8 @@ pub struct Agent {
     child: Option<Child>,
     log: PathBuf,
     args: Vec<String>,
+    /// The subcommand and its arguments: `run`, or `serve --model FILE`.
+    subcommand: Vec<String>,
     starts: u32,
 }
 
@@ -324,11 +326,7 @@ impl Agent {
         token: &str,
         extra: &[&str],
     ) -> Self {
-        let dir = root.join(name);
-        std::fs::create_dir_all(&dir).expect("agent dir");
         let mut args: Vec<String> = vec![
-            "--data-dir".into(),
-            dir.display().to_string(),
             "--coordinator".into(),
             coordinator.url(),
             "--ca-cert".into(),
@@ -339,18 +337,40 @@ impl Agent {
             format!("agent={name}"),
             "--reconnect-max-ms".into(),
             "1000".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Self::spawn(root, name, args, vec!["run".into()])
+    }
+
+    /// Starts `nanofleet-agent serve --model FILE`: one local model on the local API, no
+    /// coordinator.
+    pub fn serve_local(root: &Path, name: &str, model: &Path) -> Self {
+        Self::spawn(
+            root,
+            name,
+            Vec::new(),
+            vec!["serve".into(), "--model".into(), path(model)],
+        )
+    }
+
+    fn spawn(root: &Path, name: &str, mut args: Vec<String>, subcommand: Vec<String>) -> Self {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).expect("agent dir");
+        args.extend([
+            "--data-dir".into(),
+            dir.display().to_string(),
             // Several agents share the machine: each API on a free port, one thread each.
             "--api-listen".into(),
             "127.0.0.1:0".into(),
             "--inference-threads".into(),
             "1".into(),
-        ];
-        args.extend(extra.iter().map(|a| a.to_string()));
+        ]);
         let mut agent = Self {
             dir,
             child: None,
             log: root.join(format!("{name}.log")),
             args,
+            subcommand,
             starts: 0,
         };
         agent.restart();
@@ -362,7 +382,7 @@ impl Agent {
         assert!(self.child.is_none(), "agent already running");
         self.starts += 1;
         let mut command = agent_command();
-        command.args(&self.args).arg("run");
+        command.args(&self.args).args(&self.subcommand);
         if self.starts > 1 {
             self.log = self.log.with_extension(format!("{}.log", self.starts));
         }

@@ -1,6 +1,7 @@
 //! End to end: the reference model rolled out to an agent and served by its local
 //! OpenAI-compatible API: the official `openai` Python client, seeds, per-version counters,
-//! and a model swap while four streaming requests are in flight.
+//! and a model swap while four streaming requests are in flight; and `nanofleet-agent serve`
+//! with a local file.
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -243,4 +244,39 @@ fn a_model_swap_lets_four_streaming_requests_finish() {
     };
     assert_eq!(requests("1.0.0"), Some(4), "{stats:#}");
     assert_eq!(requests("1.1.0"), Some(1), "{stats:#}");
+}
+
+/// `nanofleet-agent serve --model FILE` answers on the local API with a local file and no
+/// coordinator, after the same smoke prompt a rollout's model must pass; a model that fails
+/// it is never served.
+#[test]
+fn serve_answers_a_local_model_without_a_coordinator() {
+    let root = tempfile::tempdir().unwrap();
+    let model = root.path().join("tiny.gguf");
+    std::fs::write(&model, nanofleet_e2e::tiny_gguf(1)).unwrap();
+    let agent = Agent::serve_local(root.path(), "local", &model);
+    let address = agent.api_address();
+
+    let models = http(&address, "GET", "/v1/models", "").json();
+    assert_eq!(models["data"][0]["id"], "tiny", "{models}");
+    assert_eq!(models["data"][0]["device"], "cpu", "{models}");
+    let body = json!({
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 4,
+    });
+    let response = http(&address, "POST", "/v1/chat/completions", &body.to_string());
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(response.json()["object"], "chat.completion");
+
+    let broken = root.path().join("broken.gguf");
+    std::fs::write(&broken, nanofleet_e2e::broken_tiny_gguf(1)).unwrap();
+    let mut refused = Agent::serve_local(root.path(), "broken", &broken);
+    assert!(
+        wait_until(Duration::from_secs(30), || refused.exit_code().is_some()),
+        "an agent serving a broken model kept running: {}",
+        refused.log()
+    );
+    assert_eq!(refused.exit_code(), Some(1));
+    assert!(refused.log().contains("serving"), "{}", refused.log());
 }

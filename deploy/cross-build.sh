@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Cross-builds the agent for devices (aarch64 and armv7 Linux, glibc) with the `device`
-# profile, prints each binary's size, and with `--test` runs end-to-end tests with the
-# aarch64 agent under qemu-user against a coordinator built for this machine: enrollment
+# profile, prints each binary's size, and with `--test` runs end-to-end tests with each
+# cross-built agent under qemu-user against a coordinator built for this machine: enrollment
 # and facts, and rollouts of tiny models that the agent verifies, proves with a smoke
-# prompt and serves through its local API.
+# prompt and serves through its local API. NANOFLEET_CROSS_TARGETS picks the targets.
 #   deploy/cross-build.sh [--test]
 # Installs what it needs on Debian: the rustup targets, the cross gcc, qemu-user.
 set -euo pipefail
@@ -12,6 +12,8 @@ targets=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
 declare -A gcc=([aarch64-unknown-linux-gnu]=aarch64-linux-gnu [armv7-unknown-linux-gnueabihf]=arm-linux-gnueabihf)
 declare -A packages=([aarch64-unknown-linux-gnu]="gcc-aarch64-linux-gnu libc6-dev-arm64-cross"
                      [armv7-unknown-linux-gnueabihf]="gcc-arm-linux-gnueabihf libc6-dev-armhf-cross")
+declare -A qemu=([aarch64-unknown-linux-gnu]=qemu-aarch64 [armv7-unknown-linux-gnueabihf]=qemu-arm)
+declare -A arch=([aarch64-unknown-linux-gnu]=aarch64 [armv7-unknown-linux-gnueabihf]=arm)
 only=${NANOFLEET_CROSS_TARGETS:-${targets[*]}}
 for target in $only; do
   if ! command -v "${gcc[$target]}-gcc" >/dev/null; then
@@ -31,9 +33,12 @@ if [ "${1:-}" = --test ]; then
   command -v qemu-aarch64 >/dev/null \
     || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends qemu-user
   cargo build --locked --bins
-  # The harness starts agents through the runner; everything else runs natively.
-  NANOFLEET_E2E_AGENT="$(realpath "${CARGO_TARGET_DIR:-target}/aarch64-unknown-linux-gnu/device/nanofleet-agent")" \
-  NANOFLEET_E2E_AGENT_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" NANOFLEET_E2E_AGENT_ARCH=aarch64 \
-    cargo test --locked -p nanofleet-e2e --test foundation --test rollouts -- \
-      --skip real_model --skip state_survives --skip malformed --skip callers --skip tokens_are
+  for target in $only; do
+    # The harness starts agents through the runner; everything else runs natively.
+    NANOFLEET_E2E_AGENT="$(realpath "${CARGO_TARGET_DIR:-target}/$target/device/nanofleet-agent")" \
+    NANOFLEET_E2E_AGENT_RUNNER="${qemu[$target]} -L /usr/${gcc[$target]}" \
+    NANOFLEET_E2E_AGENT_ARCH="${arch[$target]}" \
+      cargo test --locked -p nanofleet-e2e --test foundation --test rollouts -- \
+        --skip real_model --skip state_survives --skip malformed --skip callers --skip tokens_are
+  done
 fi

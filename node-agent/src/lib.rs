@@ -15,7 +15,7 @@ pub mod telemetry;
 pub mod training;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub(crate) fn now_unix_ms() -> i64 {
+pub fn now_unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

@@ -65,11 +65,15 @@ struct Workers {
 const STABLE_SESSION: Duration = Duration::from_secs(30);
 
 /// An assignment and the connection to fetch it over.
-type ArtifactJob = (AssignArtifact, NodeServiceClient<Channel>);
+pub type ArtifactJob = (AssignArtifact, NodeServiceClient<Channel>);
 
 /// Applies assignments one at a time and reports the outcome. An interrupted download
 /// is retried a few times; after that, the next reconnect brings the assignment again.
-async fn artifact_worker(artifacts: Arc<ArtifactManager>, mut jobs: mpsc::Receiver<ArtifactJob>) {
+/// The agent runs one per session; the fleet simulator one per simulated agent.
+pub async fn artifact_worker(
+    artifacts: Arc<ArtifactManager>,
+    mut jobs: mpsc::Receiver<ArtifactJob>,
+) {
     // What was active at the last run serves before the coordinator is reached.
     artifacts.serve_active().await;
     while let Some((assign, mut client)) = jobs.recv().await {

@@ -673,47 +673,6 @@ fn model_bytes(
     std::fs::read(&file).expect("reads the tiny model")
 }
 
-/// A valid GGUF header with two Q8_0 tensors of `rows` rows each (34 bytes a row): big or
-/// small at will, but not a model that loads (for store-only agents and coordinator checks).
-pub fn gguf_with_rows(architecture: &str, seed: u8, rows: u64) -> Vec<u8> {
-    use nanofleet_artifact::gguf::{GgmlType, GgufWriter, MetadataValue};
-    let block = |i: usize| -> Vec<u8> {
-        // Q8_0 block: f16 scale (1.0) then 32 int8 quants.
-        let mut b = vec![0x00, 0x3c];
-        b.extend((0..32).map(|j| {
-            (i as u8)
-                .wrapping_mul(31)
-                .wrapping_add(j as u8)
-                .wrapping_add(seed)
-        }));
-        b
-    };
-    let tensor = |rows: usize| (0..rows).flat_map(block).collect::<Vec<u8>>();
-    GgufWriter::new()
-        .metadata(
-            "general.architecture",
-            MetadataValue::String(architecture.into()),
-        )
-        .metadata(
-            "general.name",
-            MetadataValue::String("tiny test model".into()),
-        )
-        .tensor(
-            "blk.0.attn_q.weight",
-            GgmlType::Q8_0,
-            &[32, rows],
-            tensor(rows as usize),
-        )
-        .tensor(
-            "blk.0.ffn_up.weight",
-            GgmlType::Q8_0,
-            &[32, rows],
-            tensor(rows as usize),
-        )
-        .to_bytes()
-        .expect("tiny GGUF encodes")
-}
-
 /// An operator-service client that presents `tls` (for checking who may call it).
 pub async fn connect_node_operator_client(
     coordinator: &Coordinator,

@@ -5,13 +5,12 @@
 
 use std::time::Duration;
 
+use nanofleet_artifact::gguf::sample_gguf;
 use nanofleet_e2e::fleet::{
     active, agent_trust_policy, create_rollout, publish, sha256_file, start_agents, status,
     trusted_key, wait_state,
 };
-use nanofleet_e2e::{
-    broken_tiny_gguf, gguf_with_rows, path, reference_model, tiny_gguf, wait_until, Coordinator,
-};
+use nanofleet_e2e::{broken_tiny_gguf, path, reference_model, tiny_gguf, wait_until, Coordinator};
 
 #[test]
 fn the_real_model_rolls_out_to_three_agents_in_two_waves() {
@@ -300,7 +299,7 @@ fn an_interrupted_download_resumes_from_the_last_verified_chunk() {
     let (key, public) = trusted_key(&coordinator, root.path(), "publisher", "tiny");
     let trust = agent_trust_policy(root.path(), &public, "tiny");
     let file = root.path().join("big.gguf");
-    std::fs::write(&file, gguf_with_rows("llama", 7, 30_000)).unwrap(); // about 2 MB
+    std::fs::write(&file, sample_gguf("llama", 7, 30_000)).unwrap(); // about 2 MB
     let total = std::fs::metadata(&file).unwrap().len();
     let chunk_size = 131_072u64;
     publish(

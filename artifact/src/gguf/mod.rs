@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::io::Read;
 
 pub use ggml::{file_type_label, BlockLayout, GgmlType};
-pub use write::GgufWriter;
+pub use write::{sample_gguf, GgufWriter};
 
 /// Default `general.alignment` when the file does not set one.
 pub const DEFAULT_ALIGNMENT: u64 = 32;

@@ -1,5 +1,6 @@
 //! A small GGUF (version 3) writer, for tests here and in other crates that need tiny
-//! model files with chosen metadata and tensors.
+//! model files with chosen metadata and tensors, and [`sample_gguf`], a ready-made file
+//! of any size.
 
 use super::{
     alignment_of, GgmlType, GgufError, MetadataArray, MetadataValue, TensorInfo, ValueType,
@@ -99,6 +100,47 @@ impl GgufWriter {
         out.resize(out.len().max(data_start as usize), 0);
         Ok(out)
     }
+}
+
+/// A well-formed GGUF file with two Q8_0 tensors of `rows` rows each (34 bytes a row):
+/// as big or small as wanted, but not a model that loads. For store-only agents, the
+/// coordinator's checks, and the fleet simulator's rollouts; `seed` varies the bytes.
+pub fn sample_gguf(architecture: &str, seed: u8, rows: u64) -> Vec<u8> {
+    let block = |i: usize| -> Vec<u8> {
+        // Q8_0 block: f16 scale (1.0) then 32 int8 quants.
+        let mut b = vec![0x00, 0x3c];
+        b.extend((0..32).map(|j| {
+            (i as u8)
+                .wrapping_mul(31)
+                .wrapping_add(j as u8)
+                .wrapping_add(seed)
+        }));
+        b
+    };
+    let tensor = |rows: usize| (0..rows).flat_map(block).collect::<Vec<u8>>();
+    GgufWriter::new()
+        .metadata(
+            "general.architecture",
+            MetadataValue::String(architecture.into()),
+        )
+        .metadata(
+            "general.name",
+            MetadataValue::String("tiny test model".into()),
+        )
+        .tensor(
+            "blk.0.attn_q.weight",
+            GgmlType::Q8_0,
+            &[32, rows],
+            tensor(rows as usize),
+        )
+        .tensor(
+            "blk.0.ffn_up.weight",
+            GgmlType::Q8_0,
+            &[32, rows],
+            tensor(rows as usize),
+        )
+        .to_bytes()
+        .expect("the sample's tensors match their shapes")
 }
 
 fn write_string(out: &mut Vec<u8>, s: &str) {
@@ -225,5 +267,15 @@ mod tests {
     fn a_file_without_tensors_is_padded_to_the_data_start() {
         let bytes = GgufWriter::new().to_bytes().unwrap();
         assert_eq!(bytes.len(), 32);
+    }
+
+    #[test]
+    fn the_sample_is_a_well_formed_file_of_the_size_asked() {
+        let bytes = sample_gguf("llama", 1, 100);
+        let header = crate::gguf::GgufHeader::read_from(&bytes[..], &Default::default()).unwrap();
+        header.validate_against_size(bytes.len() as u64).unwrap();
+        assert_eq!(header.summary().architecture.as_deref(), Some("llama"));
+        assert!(bytes.len() > 2 * 100 * 34);
+        assert_ne!(bytes, sample_gguf("llama", 2, 100));
     }
 }

@@ -45,15 +45,40 @@ pub fn deliver(
     sessions: &crate::sessions::SessionHub,
     assignments: Vec<crate::rollouts::Assignment>,
 ) {
+    deliver_built(sessions, assignments, |desired| {
+        assignment_command(artifacts, desired)
+    });
+}
+
+/// [`deliver`] with the command built by `build`. A wave gives many nodes the same
+/// desired state, so each distinct one is built once (reading and encoding the signed
+/// manifest), not once per node.
+fn deliver_built(
+    sessions: &crate::sessions::SessionHub,
+    assignments: Vec<crate::rollouts::Assignment>,
+    mut build: impl FnMut(
+        &crate::rollouts::Desired,
+    ) -> Result<nanofleet_proto::v1::Command, crate::artifacts::ArtifactError>,
+) {
+    let mut built: Vec<(crate::rollouts::Desired, nanofleet_proto::v1::Command)> = Vec::new();
     for assignment in assignments {
-        match assignment_command(artifacts, &assignment.desired) {
-            Ok(command) => {
-                sessions.send(&assignment.node_id, command);
-            }
-            Err(error) => {
-                tracing::error!(%error, node = %assignment.node_id, "cannot build an assignment")
-            }
-        }
+        let command = match built
+            .iter()
+            .find(|(desired, _)| *desired == assignment.desired)
+        {
+            Some((_, command)) => command.clone(),
+            None => match build(&assignment.desired) {
+                Ok(command) => {
+                    built.push((assignment.desired, command.clone()));
+                    command
+                }
+                Err(error) => {
+                    tracing::error!(%error, node = %assignment.node_id, "cannot build an assignment");
+                    continue;
+                }
+            },
+        };
+        sessions.send(&assignment.node_id, command);
     }
 }
 
@@ -195,5 +220,55 @@ fn authorized_operator<T>(request: &Request<T>) -> Result<String, Status> {
         Principal::Node { id, .. } => Err(Status::permission_denied(format!(
             "node certificates cannot call the operator API (caller is node {id})"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollouts::{Assignment, Desired};
+    use crate::sessions::SessionHub;
+    use nanofleet_proto::v1::{command, AssignArtifact, Command};
+
+    #[tokio::test]
+    async fn a_wave_builds_each_distinct_assignment_once() {
+        let sessions = SessionHub::default();
+        let mut streams = Vec::new();
+        for node in ["n1", "n2", "n3"] {
+            let (sender, receiver) = tokio::sync::mpsc::channel(4);
+            sessions.register(node, sender);
+            streams.push(receiver);
+        }
+        let desired = |version: &str| Desired {
+            name: "model".into(),
+            version: version.into(),
+            rollout_id: "r1".into(),
+            pinned: false,
+        };
+        let assignments = [("n1", "2"), ("n2", "2"), ("n3", "1")]
+            .map(|(node, version)| Assignment {
+                node_id: node.into(),
+                desired: desired(version),
+            })
+            .to_vec();
+        let mut builds = 0;
+        deliver_built(&sessions, assignments, |desired| {
+            builds += 1;
+            Ok(Command {
+                body: Some(command::Body::Assign(AssignArtifact {
+                    rollout_id: desired.rollout_id.clone(),
+                    signed_manifest: desired.version.clone().into_bytes(),
+                    name: desired.name.clone(),
+                })),
+            })
+        });
+        assert_eq!(builds, 2);
+        for (stream, version) in streams.iter_mut().zip(["2", "2", "1"]) {
+            let Some(command::Body::Assign(assign)) = stream.recv().await.unwrap().unwrap().body
+            else {
+                panic!("not an assignment");
+            };
+            assert_eq!(assign.signed_manifest, version.as_bytes());
+        }
     }
 }

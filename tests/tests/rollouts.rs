@@ -439,3 +439,62 @@ fn pinned_nodes_are_skipped_and_offline_nodes_converge_when_they_return() {
     );
     assert_eq!(active(&agents[0], "tiny").as_deref(), Some("2.0.0"));
 }
+
+#[test]
+fn a_paced_rollout_assigns_its_wave_a_node_at_a_time() {
+    let root = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(root.path());
+    let (key, public) = trusted_key(&coordinator, root.path(), "publisher", "tiny");
+    let trust = agent_trust_policy(root.path(), &public, "tiny");
+    let file = root.path().join("v1.gguf");
+    std::fs::write(&file, tiny_gguf(1)).unwrap();
+    publish(&coordinator, &file, "tiny", "1.0.0", &key, "1024");
+    let agents = start_agents(
+        &coordinator,
+        root.path(),
+        3,
+        &["--trust-policy", &path(&trust)],
+    );
+
+    let created = coordinator.cli_json(&[
+        "rollout",
+        "create",
+        "--artifact",
+        "tiny@1.0.0",
+        "--selector",
+        "site=plant-3",
+        "--waves",
+        "100%",
+        "--max-per-second",
+        "1",
+    ]);
+    assert_eq!(created["max_per_second"], 1);
+    // One node at the start; the pace has not reached the other two.
+    let states: Vec<&str> = created["waves"][0]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states.iter().filter(|s| **s == "waiting").count(),
+        2,
+        "{created:#}"
+    );
+    let id = created["id"].as_str().unwrap();
+    let done = wait_state(&coordinator, id, "completed", Duration::from_secs(30));
+    for node in done["waves"][0]["nodes"].as_array().unwrap() {
+        assert_eq!(node["state"], "healthy", "{done:#}");
+    }
+    for agent in &agents {
+        assert_eq!(active(agent, "tiny").as_deref(), Some("1.0.0"));
+    }
+    let starts = coordinator.cli_json(&["events", "--action", "rollout.wave_start"]);
+    assert!(
+        starts[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("at most 1 nodes a second"),
+        "{starts:#}"
+    );
+}

@@ -147,12 +147,19 @@ pub fn rollout_to_proto(
             rollouts
                 .wave_status(rollout, index)?
                 .into_iter()
-                .map(|(node_id, verdict, report)| {
+                .enumerate()
+                .map(|(position, (node_id, verdict, report))| {
                     let bytes_fetched = report
                         .filter(|r| r.version == rollout.version)
                         .map_or(0, |r| r.bytes_fetched);
+                    // Not yet assigned: the pace has not reached it.
+                    let unassigned = index == rollout.current_wave
+                        && position >= rollout.wave_assigned
+                        && matches!(rollout.state, RolloutState::Running | RolloutState::Paused);
                     let (state, reason) = if rollout.rolled_back.contains(&node_id) {
                         ("rolled_back", String::new())
+                    } else if unassigned {
+                        ("waiting", String::new())
                     } else {
                         match verdict {
                             NodeVerdict::Pending(what) => (what, String::new()),
@@ -202,6 +209,7 @@ pub fn rollout_to_proto(
         }),
         created_at_unix_ms: rollout.created_at_ms,
         created_by: rollout.created_by.clone(),
+        max_per_second: rollout.max_per_second,
     })
 }
 

@@ -300,6 +300,7 @@ impl OperatorService for OperatorApi {
                 &request.selector,
                 &request.waves,
                 gate,
+                request.max_per_second,
                 &operator,
             )
         })

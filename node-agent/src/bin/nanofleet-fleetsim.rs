@@ -94,6 +94,10 @@ struct RunArgs {
     /// Cumulative wave sizes of the rollout in percent of the fleet, ending at 100.
     #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
     waves: Vec<u32>,
+    /// The rollout's pace: at most this many agents of a wave assigned per second
+    /// (`nanofleet rollout create --max-per-second`); 0 = each wave at once.
+    #[arg(long, default_value_t = 0)]
+    max_per_second: u32,
     /// The simulated agents' trust policy (JSON, as `nanofleet-coordinator trust` writes
     /// it): the keys whose signed manifests they accept.
     #[arg(long)]
@@ -333,6 +337,7 @@ async fn roll_out(
             waves: args.waves.clone(),
             // Store-only agents answer no smoke prompt; the coordinator's wave timeout.
             gate: None,
+            max_per_second: args.max_per_second,
         })
         .await
         .context("creating the rollout")?
@@ -589,14 +594,18 @@ impl Measured {
             table.row(
                 "rollout",
                 format!(
-                    "{} to {} agents in waves of {}",
+                    "{} to {} agents in waves of {}, {}",
                     rollout.artifact,
                     rollout.targets,
                     args.waves
                         .iter()
                         .map(|percent| format!("{percent}%"))
                         .collect::<Vec<_>>()
-                        .join(", ")
+                        .join(", "),
+                    match args.max_per_second {
+                        0 => "each wave at once".to_owned(),
+                        rate => format!("at most {rate} agents assigned per second"),
+                    }
                 ),
             );
             let all_assigned = rollout

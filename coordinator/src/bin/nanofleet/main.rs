@@ -240,6 +240,10 @@ enum RolloutCommand {
         /// How long a wave may take to become healthy, e.g. 10m (default: the coordinator's).
         #[arg(long)]
         wave_timeout: Option<humantime::Duration>,
+        /// Assign at most this many nodes of a wave per second (0: a whole wave at once),
+        /// so that a large wave's downloads and reports do not all come at once.
+        #[arg(long, default_value_t = 0)]
+        max_per_second: u32,
     },
     Status {
         id: String,
@@ -282,7 +286,7 @@ fn print_rollout(rollout: &pb::Rollout, json_output: bool) -> anyhow::Result<()>
                 "id": rollout.id, "artifact": rollout.artifact, "selector": rollout.selector,
                 "state": rollout.state, "reason": rollout.reason, "current_wave": rollout.current_wave,
                 "created_at": time_text(rollout.created_at_unix_ms), "created_by": rollout.created_by,
-                "waves": waves,
+                "max_per_second": rollout.max_per_second, "waves": waves,
             }))?
         );
         return Ok(());
@@ -320,6 +324,7 @@ async fn rollout(cli: &Cli, command: &RolloutCommand) -> anyhow::Result<()> {
             max_error_rate,
             max_p95_latency_ms,
             wave_timeout,
+            max_per_second,
         } => {
             client
                 .create_rollout(pb::CreateRolloutRequest {
@@ -332,6 +337,7 @@ async fn rollout(cli: &Cli, command: &RolloutCommand) -> anyhow::Result<()> {
                         max_p95_latency_ms: *max_p95_latency_ms,
                         wave_timeout_secs: wave_timeout.map(|d| d.as_secs() as u32).unwrap_or(0),
                     }),
+                    max_per_second: *max_per_second,
                 })
                 .await
         }

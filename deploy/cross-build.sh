@@ -34,6 +34,10 @@ if [ "${1:-}" = --test ]; then
     || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends qemu-user
   cargo build --locked --bins
   for target in $only; do
+    # The quantized kernels' property tests, NEON included on aarch64, under qemu-user.
+    runner_var="CARGO_TARGET_$(echo "${target//-/_}" | tr a-z A-Z)_RUNNER"
+    env "$runner_var=${qemu[$target]} -L /usr/${gcc[$target]}" "CC_${target//-/_}=${gcc[$target]}-gcc" \
+      cargo test --locked -p nanofleet-quant --target "$target"
     # The harness starts agents through the runner; everything else runs natively.
     NANOFLEET_E2E_AGENT="$(realpath "${CARGO_TARGET_DIR:-target}/$target/device/nanofleet-agent")" \
     NANOFLEET_E2E_AGENT_RUNNER="${qemu[$target]} -L /usr/${gcc[$target]}" \

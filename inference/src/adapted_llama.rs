@@ -5,13 +5,14 @@
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
-use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 use candle_transformers::utils::{build_causal_mask, repeat_kv};
 
 use crate::lora::{LoraAdapter, LoraDelta, LoraTarget};
+use crate::quant_linear::QuantLinear;
 
 /// Positions the rotary tables cover, as in candle's loader, so both enforce one context.
 pub(crate) const MAX_SEQ_LEN: usize = candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
@@ -19,7 +20,7 @@ pub(crate) const MAX_SEQ_LEN: usize = candle_transformers::models::quantized_lla
 /// A quantized linear layer with an optional low-rank update.
 #[derive(Debug, Clone)]
 struct AdaptedLinear {
-    base: QMatMul,
+    base: QuantLinear,
     delta: Option<LoraDelta>,
 }
 
@@ -58,14 +59,33 @@ struct Shape {
     neg_inf: Tensor,
 }
 
+/// The token embedding table: kept quantized where this crate's kernels read its format
+/// (and shared with the output layer when the model ties them), else dequantized.
+#[derive(Debug, Clone)]
+enum TokenEmbedding {
+    Quantized(QuantLinear),
+    Dense(Embedding),
+}
+
+impl TokenEmbedding {
+    fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Quantized(table) => table
+                .lookup(tokens)?
+                .ok_or_else(|| candle_core::Error::Msg("the table has no row access".into())),
+            Self::Dense(embedding) => embedding.forward(tokens),
+        }
+    }
+}
+
 /// A llama model with an adapter applied; `Clone` gives a session with its own KV cache
 /// (layer weights are shared, the cache is per clone).
 #[derive(Debug, Clone)]
 pub(crate) struct AdaptedLlama {
-    embeddings: Embedding,
+    embeddings: TokenEmbedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    output: QMatMul,
+    output: QuantLinear,
     shape: Arc<Shape>,
 }
 
@@ -81,7 +101,7 @@ impl AdaptedLlama {
         ct: gguf_file::Content,
         reader: &mut R,
         device: &Device,
-        adapter: &LoraAdapter,
+        adapter: Option<&LoraAdapter>,
     ) -> Result<Self> {
         if ct
             .metadata
@@ -108,21 +128,28 @@ impl AdaptedLlama {
             .unwrap_or(10_000.0);
         let (cos, sin) = rotary_tables(rope_dim, freq_base, device)?;
 
-        let embeddings_q = ct.tensor(reader, "token_embd.weight", device)?;
-        let embeddings = Embedding::new(embeddings_q.dequantize(device)?, hidden);
+        let table = QuantLinear::new(ct.tensor(reader, "token_embd.weight", device)?, device)?;
+        let embeddings = match &table {
+            QuantLinear::Own(_) => TokenEmbedding::Quantized(table.clone()),
+            QuantLinear::Candle(_) => TokenEmbedding::Dense(Embedding::new(
+                ct.tensor(reader, "token_embd.weight", device)?
+                    .dequantize(device)?,
+                hidden,
+            )),
+        };
         let norm = RmsNorm::from_qtensor(ct.tensor(reader, "output_norm.weight", device)?, eps)?;
         // Tied embeddings when the file has no separate output matrix (SmolLM2).
         let output = match ct.tensor(reader, "output.weight", device) {
-            Ok(tensor) => tensor,
-            Err(_) => embeddings_q,
+            Ok(tensor) => QuantLinear::new(tensor, device)?,
+            Err(_) => table,
         };
         let mut layers = Vec::with_capacity(block_count);
         for layer in 0..block_count {
             let mut linear = |name: &str, target: LoraTarget| -> Result<AdaptedLinear> {
                 let weight = ct.tensor(reader, &format!("blk.{layer}.{name}.weight"), device)?;
                 Ok(AdaptedLinear {
-                    base: QMatMul::from_qtensor(weight)?,
-                    delta: adapter.delta(layer, target).cloned(),
+                    base: QuantLinear::new(weight, device)?,
+                    delta: adapter.and_then(|a| a.delta(layer, target)).cloned(),
                 })
             };
             let wq = linear("attn_q", LoraTarget::Query)?;
@@ -153,7 +180,7 @@ impl AdaptedLlama {
             embeddings,
             layers,
             norm,
-            output: QMatMul::from_qtensor(output)?,
+            output,
             shape: Arc::new(Shape {
                 heads,
                 kv_heads,

@@ -26,6 +26,7 @@ pub mod lora;
 mod metadata;
 pub mod model;
 mod output;
+mod quant_linear;
 mod sampling;
 mod text;
 pub mod tiny;

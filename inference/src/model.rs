@@ -67,7 +67,8 @@ impl Architecture {
 /// candle's qwen2 model is not `Clone`; its requests take turns on one instance.
 pub(crate) enum Weights {
     Llama(quantized_llama::ModelWeights),
-    /// llama with a LoRA adapter, through this crate's own forward pass.
+    /// llama through this crate's own forward pass: on the CPU always (nanofleet's own
+    /// quantized kernels), elsewhere with a LoRA adapter.
     AdaptedLlama(AdaptedLlama),
     Phi3(quantized_phi3::ModelWeights),
     Qwen2(Mutex<quantized_qwen2::ModelWeights>),
@@ -97,12 +98,18 @@ impl Weights {
         if let Some(adapter) = adapter {
             return match architecture {
                 Architecture::Llama => Ok(Self::AdaptedLlama(
-                    AdaptedLlama::from_gguf(content, reader, device, adapter).map_err(load)?,
+                    AdaptedLlama::from_gguf(content, reader, device, Some(adapter))
+                        .map_err(load)?,
                 )),
                 other => Err(InferenceError::AdapterArchitecture(
                     other.gguf_name().to_string(),
                 )),
             };
+        }
+        if architecture == Architecture::Llama && device.is_cpu() {
+            return Ok(Self::AdaptedLlama(
+                AdaptedLlama::from_gguf(content, reader, device, None).map_err(load)?,
+            ));
         }
         Ok(match architecture {
             Architecture::Llama => Self::Llama(

@@ -1,0 +1,119 @@
+//! Linear layers over quantized weights: nanofleet's own kernels (`nanofleet-quant`) on
+//! the CPU for the formats they cover (Q4_0, Q4_1, Q8_0), candle's `QMatMul` otherwise
+//! (other formats, GPUs). Prefill runs as one product over all the prompt's rows.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Result, Shape, Tensor};
+use nanofleet_quant::{Format, KernelChoice, Pool, QuantMatrix, QuantizedActivations};
+
+/// A linear layer `y = x W^T` over quantized `W`.
+#[derive(Debug, Clone)]
+pub(crate) enum QuantLinear {
+    Own(Arc<OwnLinear>),
+    Candle(QMatMul),
+}
+
+impl QuantLinear {
+    /// Our kernels where they apply, candle's otherwise.
+    pub(crate) fn new(weight: QTensor, device: &Device) -> Result<Self> {
+        let format = match weight.dtype() {
+            GgmlDType::Q4_0 => Some(Format::Q4_0),
+            GgmlDType::Q4_1 => Some(Format::Q4_1),
+            GgmlDType::Q8_0 => Some(Format::Q8_0),
+            _ => None,
+        };
+        match (format, device, weight.shape().dims()) {
+            (Some(format), Device::Cpu, &[rows, cols]) => {
+                let matrix = QuantMatrix::new(format, rows, cols, weight.data()?.into_owned())
+                    .map_err(candle_core::Error::wrap)?;
+                Ok(Self::Own(Arc::new(OwnLinear {
+                    matrix,
+                    kernel: KernelChoice::detect(),
+                })))
+            }
+            _ => Ok(Self::Candle(QMatMul::from_qtensor(weight)?)),
+        }
+    }
+
+    /// Rows `tokens` (any shape of u32 ids) of the weights, as f32 with a trailing
+    /// dimension of the weights' columns: an embedding lookup that keeps the table
+    /// quantized. `None` for candle's layers, which give no row access.
+    pub(crate) fn lookup(&self, tokens: &Tensor) -> Result<Option<Tensor>> {
+        let Self::Own(linear) = self else {
+            return Ok(None);
+        };
+        let matrix = &linear.matrix;
+        let ids = tokens.flatten_all()?.to_vec1::<u32>()?;
+        let cols = matrix.cols();
+        let mut values = vec![0f32; ids.len() * cols];
+        for (id, out) in ids.iter().zip(values.chunks_exact_mut(cols)) {
+            let row = *id as usize;
+            if row >= matrix.rows() {
+                candle_core::bail!(
+                    "token id {row} is outside the vocabulary ({})",
+                    matrix.rows()
+                );
+            }
+            matrix.dequantize_row(row, out);
+        }
+        let mut shape = tokens.dims().to_vec();
+        shape.push(cols);
+        Tensor::from_vec(values, shape, tokens.device()).map(Some)
+    }
+
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Own(linear) => xs.contiguous()?.apply_op1_no_bwd(linear.as_ref()),
+            Self::Candle(matmul) => matmul.forward(xs),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct OwnLinear {
+    matrix: QuantMatrix,
+    kernel: KernelChoice,
+}
+
+thread_local! {
+    /// The quantized activations' buffers, reused by every layer a thread runs: one per
+    /// layer would keep a prompt's worth of activations per layer alive.
+    static ACTIVATIONS: RefCell<QuantizedActivations> = RefCell::default();
+}
+
+impl CustomOp1 for OwnLinear {
+    fn name(&self) -> &'static str {
+        "nanofleet-quant-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(values) = storage else {
+            candle_core::bail!("quantized linear layers take f32 activations");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("quantized linear layers take contiguous activations");
+        };
+        let x = &values[start..end];
+        let dims = layout.shape().dims();
+        let cols = *dims.last().unwrap_or(&0);
+        if cols != self.matrix.cols() {
+            candle_core::bail!(
+                "activations have {cols} features, the weights {}",
+                self.matrix.cols()
+            );
+        }
+        let rows = x.len() / cols.max(1);
+        let mut out = vec![0f32; rows * self.matrix.rows()];
+        ACTIVATIONS.with_borrow_mut(|activations| {
+            activations.quantize_into(self.kernel, x, rows, cols);
+            self.matrix
+                .matmul(self.kernel, activations, &mut out, Pool::global());
+        });
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("activations have a last dimension") = self.matrix.rows();
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}

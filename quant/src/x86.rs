@@ -1,0 +1,230 @@
+//! AVX2 kernels (with FMA and F16C): 32 weights against 32 activation bytes per step,
+//! `maddubs` pairs to 16-bit, `madd` to 32-bit, one FMA per block into eight lanes.
+//! Safety: callers check the features at run time ([`crate::Kernel::Avx2`]).
+
+use std::arch::x86_64::*;
+
+use crate::{Format, BLOCK};
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half_at(p: *const u8) -> f32 {
+    let bits = i32::from(u16::from_le_bytes([*p, *p.add(1)]));
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn horizontal_sum(v: __m256) -> f32 {
+    let quad = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+    _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)))
+}
+
+/// 16 bytes of nibbles as 32 unsigned bytes in weight order (low nibbles first).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
+    let raw = _mm_loadu_si128(p as *const __m128i);
+    let mask = _mm_set1_epi8(0x0F);
+    let low = _mm_and_si128(raw, mask);
+    let high = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    _mm256_set_m128i(high, low)
+}
+
+/// Eight 32-bit lanes of `sum(w * x)` for 32 unsigned weights and 32 signed activations.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unsigned_dot(w: __m256i, x: __m256i) -> __m256 {
+    let pairs = _mm256_maddubs_epi16(w, x);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+}
+
+/// One weight row times one quantized activation row (see `scalar::dot`).
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `w` holds whole blocks of `format` and `q`,
+/// `d`, `s` the matching activation blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot(format: Format, w: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
+    let blocks = w.len() / format.block_bytes();
+    debug_assert!(q.len() >= blocks * BLOCK && d.len() >= blocks && s.len() >= blocks);
+    // One loop per format, so that nothing in it branches on the format.
+    match format {
+        Format::Q4_0 => dot_format::<0>(w, q, d, s, blocks),
+        Format::Q4_1 => dot_format::<1>(w, q, d, s, blocks),
+        Format::Q8_0 => dot_format::<2>(w, q, d, s, blocks),
+    }
+}
+
+/// Consecutive weight rows of `row_bytes` each times one activation row, one value per
+/// row into `out`.
+///
+/// # Safety
+/// As [`dot`]; `w` holds `out.len()` rows of `row_bytes`, each as long as `q`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_band(
+    format: Format,
+    w: &[u8],
+    row_bytes: usize,
+    q: &[i8],
+    d: &[f32],
+    s: &[f32],
+    out: &mut [f32],
+) {
+    let blocks = row_bytes / format.block_bytes();
+    for (row, out) in w.chunks_exact(row_bytes).zip(out) {
+        *out = match format {
+            Format::Q4_0 => dot_format::<0>(row, q, d, s, blocks),
+            Format::Q4_1 => dot_format::<1>(row, q, d, s, blocks),
+            Format::Q8_0 => dot_format::<2>(row, q, d, s, blocks),
+        };
+    }
+}
+
+/// The weights of one block as unsigned bytes and what multiplies x's sign into them, and
+/// the weight of the block's offset term (`FORMAT`: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn block_terms<const FORMAT: u8>(block: *const u8, x: __m256i, dw: f32) -> (__m256, f32) {
+    match FORMAT {
+        0 => (unsigned_dot(unpack_nibbles(block.add(2)), x), -8.0 * dw),
+        1 => (
+            unsigned_dot(unpack_nibbles(block.add(4)), x),
+            half_at(block.add(2)),
+        ),
+        _ => {
+            let w = _mm256_loadu_si256(block.add(2) as *const __m256i);
+            // |w| times x with w's sign: maddubs wants its first operand unsigned.
+            (
+                unsigned_dot(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
+                0.0,
+            )
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_format<const FORMAT: u8>(
+    w: &[u8],
+    q: &[i8],
+    d: &[f32],
+    s: &[f32],
+    blocks: usize,
+) -> f32 {
+    let size = match FORMAT {
+        0 => Format::Q4_0.block_bytes(),
+        1 => Format::Q4_1.block_bytes(),
+        _ => Format::Q8_0.block_bytes(),
+    };
+    let (w, q) = (w.as_ptr(), q.as_ptr());
+    // Two blocks a step into two accumulators, so that their FMAs do not wait on each
+    // other.
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut offsets = [0f32; 2];
+    let mut b = 0;
+    while b < blocks {
+        let lane = b % 2;
+        let block = w.add(b * size);
+        let x = _mm256_loadu_si256(q.add(b * BLOCK) as *const __m256i);
+        let dw = half_at(block);
+        let (lanes, offset_weight) = block_terms::<FORMAT>(block, x, dw);
+        acc[lane] = _mm256_fmadd_ps(lanes, _mm256_set1_ps(dw * *d.get_unchecked(b)), acc[lane]);
+        offsets[lane] += offset_weight * *s.get_unchecked(b);
+        b += 1;
+    }
+    horizontal_sum(_mm256_add_ps(acc[0], acc[1])) + offsets[0] + offsets[1]
+}
+
+/// Quantizes 32 values to signed bytes with scale `max|x| / 127` (rounding to nearest,
+/// ties to even); returns the scale and the sum of the bytes.
+///
+/// # Safety
+/// The CPU must have AVX2; `x` holds 32 values and `out` room for 32.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_block(x: &[f32], out: &mut [i8]) -> (f32, i32) {
+    debug_assert!(x.len() >= BLOCK && out.len() >= BLOCK);
+    let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(x.as_ptr().add(8 * i)));
+    let sign_bit = _mm256_set1_ps(-0.0);
+    let mut max = _mm256_andnot_ps(sign_bit, v[0]);
+    for value in &v[1..] {
+        max = _mm256_max_ps(max, _mm256_andnot_ps(sign_bit, *value));
+    }
+    let quad = _mm_max_ps(_mm256_extractf128_ps(max, 1), _mm256_castps256_ps128(max));
+    let pair = _mm_max_ps(quad, _mm_movehl_ps(quad, quad));
+    let max = _mm_cvtss_f32(_mm_max_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+    let d = max / 127.0;
+    let inverse = _mm256_set1_ps(if d == 0.0 { 0.0 } else { 1.0 / d });
+    let ints: [__m256i; 4] =
+        std::array::from_fn(|i| _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse)));
+    // Pack 32-bit to 16-bit to 8-bit; the packs interleave 128-bit lanes, which the
+    // final permutation puts back in order.
+    let words = [
+        _mm256_packs_epi32(ints[0], ints[1]),
+        _mm256_packs_epi32(ints[2], ints[3]),
+    ];
+    let bytes = _mm256_packs_epi16(words[0], words[1]);
+    let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, bytes);
+    // The sum of the bytes: pairs against ones, then lanes.
+    let pairs = _mm256_madd_epi16(
+        _mm256_maddubs_epi16(_mm256_set1_epi8(1), bytes),
+        _mm256_set1_epi16(1),
+    );
+    let quad = _mm_add_epi32(
+        _mm256_extracti128_si256(pairs, 1),
+        _mm256_castsi256_si128(pairs),
+    );
+    let pair = _mm_add_epi32(quad, _mm_shuffle_epi32(quad, 0b01_00_11_10));
+    let sum = _mm_add_epi32(pair, _mm_shuffle_epi32(pair, 0b10_11_00_01));
+    (d, _mm_cvtsi128_si32(sum))
+}
+
+/// One weight row times `R` quantized activation rows at once: each weight block is
+/// loaded and unpacked once for all `R` (prefill multiplies many rows by each weight).
+///
+/// # Safety
+/// As [`dot`], for each of the `R` rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_rows<const R: usize>(
+    format: Format,
+    w: &[u8],
+    q: [&[i8]; R],
+    d: [&[f32]; R],
+    s: [&[f32]; R],
+) -> [f32; R] {
+    let size = format.block_bytes();
+    let blocks = w.len() / size;
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut offsets = [0f32; R];
+    for b in 0..blocks {
+        let block = w.as_ptr().add(b * size);
+        let dw = half_at(block);
+        // The weights as unsigned bytes, and (Q8_0) their signs to move onto x.
+        let (weights, signs) = match format {
+            Format::Q4_0 => (unpack_nibbles(block.add(2)), None),
+            Format::Q4_1 => (unpack_nibbles(block.add(4)), None),
+            Format::Q8_0 => {
+                let w = _mm256_loadu_si256(block.add(2) as *const __m256i);
+                (_mm256_sign_epi8(w, w), Some(w))
+            }
+        };
+        let offset_weight = match format {
+            Format::Q4_0 => -8.0 * dw,
+            Format::Q4_1 => half_at(block.add(2)),
+            Format::Q8_0 => 0.0,
+        };
+        for r in 0..R {
+            let x = _mm256_loadu_si256(q[r].as_ptr().add(b * BLOCK) as *const __m256i);
+            let x = match signs {
+                Some(w) => _mm256_sign_epi8(x, w),
+                None => x,
+            };
+            let scale = _mm256_set1_ps(dw * d[r][b]);
+            acc[r] = _mm256_fmadd_ps(unsigned_dot(weights, x), scale, acc[r]);
+            offsets[r] += offset_weight * s[r][b];
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = horizontal_sum(acc[r]) + offsets[r];
+    }
+    out
+}

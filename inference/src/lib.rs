@@ -41,6 +41,7 @@ pub use engine::{
 };
 pub use error::{InferenceError, Result};
 pub use model::Architecture;
+pub use quant_linear::CpuQuantMatMul;
 pub use sampling::{Sampler, SamplingParams};
 pub use text::ModelText;
 pub use tokenizer::{TokenType, Tokenizer};

@@ -12,28 +12,15 @@ use nanofleet_quant::{Format, KernelChoice, Pool, QuantMatrix, QuantizedActivati
 /// A linear layer `y = x W^T` over quantized `W`.
 #[derive(Debug, Clone)]
 pub(crate) enum QuantLinear {
-    Own(Arc<OwnLinear>),
+    Own(Arc<CpuQuantMatMul>),
     Candle(QMatMul),
 }
 
 impl QuantLinear {
     /// Our kernels where they apply, candle's otherwise.
     pub(crate) fn new(weight: QTensor, device: &Device) -> Result<Self> {
-        let format = match weight.dtype() {
-            GgmlDType::Q4_0 => Some(Format::Q4_0),
-            GgmlDType::Q4_1 => Some(Format::Q4_1),
-            GgmlDType::Q8_0 => Some(Format::Q8_0),
-            _ => None,
-        };
-        match (format, device, weight.shape().dims()) {
-            (Some(format), Device::Cpu, &[rows, cols]) => {
-                let matrix = QuantMatrix::new(format, rows, cols, weight.data()?.into_owned())
-                    .map_err(candle_core::Error::wrap)?;
-                Ok(Self::Own(Arc::new(OwnLinear {
-                    matrix,
-                    kernel: KernelChoice::detect(),
-                })))
-            }
+        match (device, CpuQuantMatMul::new(&weight)?) {
+            (Device::Cpu, Some(op)) => Ok(Self::Own(Arc::new(op))),
             _ => Ok(Self::Candle(QMatMul::from_qtensor(weight)?)),
         }
     }
@@ -42,10 +29,10 @@ impl QuantLinear {
     /// dimension of the weights' columns: an embedding lookup that keeps the table
     /// quantized. `None` for candle's layers, which give no row access.
     pub(crate) fn lookup(&self, tokens: &Tensor) -> Result<Option<Tensor>> {
-        let Self::Own(linear) = self else {
+        let Self::Own(op) = self else {
             return Ok(None);
         };
-        let matrix = &linear.matrix;
+        let matrix = &op.matrix;
         let ids = tokens.flatten_all()?.to_vec1::<u32>()?;
         let cols = matrix.cols();
         let mut values = vec![0f32; ids.len() * cols];
@@ -66,16 +53,41 @@ impl QuantLinear {
 
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Own(linear) => xs.contiguous()?.apply_op1_no_bwd(linear.as_ref()),
+            Self::Own(op) => xs.contiguous()?.apply_op1_no_bwd(op.as_ref()),
             Self::Candle(matmul) => matmul.forward(xs),
         }
     }
 }
 
+/// `y = x W^T` as a candle op on the CPU through nanofleet-quant's kernels; the LoRA
+/// trainer runs its frozen layers forward with it too, so what is trained is what is
+/// served.
 #[derive(Debug)]
-pub(crate) struct OwnLinear {
+pub struct CpuQuantMatMul {
     matrix: QuantMatrix,
     kernel: KernelChoice,
+}
+
+impl CpuQuantMatMul {
+    /// The op for a 2-D weight in a format the kernels read (Q4_0, Q4_1, Q8_0); `None`
+    /// for other formats and shapes.
+    pub fn new(weight: &QTensor) -> Result<Option<Self>> {
+        let format = match weight.dtype() {
+            GgmlDType::Q4_0 => Format::Q4_0,
+            GgmlDType::Q4_1 => Format::Q4_1,
+            GgmlDType::Q8_0 => Format::Q8_0,
+            _ => return Ok(None),
+        };
+        let &[rows, cols] = weight.shape().dims() else {
+            return Ok(None);
+        };
+        let matrix = QuantMatrix::new(format, rows, cols, weight.data()?.into_owned())
+            .map_err(candle_core::Error::wrap)?;
+        Ok(Some(Self {
+            matrix,
+            kernel: KernelChoice::detect(),
+        }))
+    }
 }
 
 thread_local! {
@@ -84,7 +96,7 @@ thread_local! {
     static ACTIVATIONS: RefCell<QuantizedActivations> = RefCell::default();
 }
 
-impl CustomOp1 for OwnLinear {
+impl CustomOp1 for CpuQuantMatMul {
     fn name(&self) -> &'static str {
         "nanofleet-quant-linear"
     }

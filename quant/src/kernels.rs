@@ -110,28 +110,30 @@ impl KernelChoice {
         }
     }
 
-    /// One weight row times rows `first..first + 4` of `x`.
-    pub fn dot4(
+    /// Weight rows `w` (`N` of them) times activation rows `first..first + 4` of `x`.
+    pub fn dot_tile<const N: usize>(
         self,
         format: Format,
-        w: &[u8],
+        w: [&[u8]; N],
         x: &QuantizedActivations,
         first: usize,
-    ) -> [f32; 4] {
+    ) -> [[f32; 4]; N] {
         match self.0 {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => {
                 let rows: [_; 4] = std::array::from_fn(|r| x.row(first + r));
-                for (q, _, _) in &rows {
+                let cols = rows[0].0.len();
+                for w in &w {
                     assert_eq!(
                         w.len() / format.block_bytes() * crate::BLOCK,
-                        q.len(),
+                        cols,
                         "weight row and activation row differ in length"
                     );
                 }
-                // SAFETY: `new` checked the CPU features; lengths were checked above.
+                // SAFETY: `new` checked the CPU features; lengths were checked above (the
+                // activation rows all have `cols` values).
                 unsafe {
-                    crate::x86::dot_rows(
+                    crate::x86::dot_tile(
                         format,
                         w,
                         rows.map(|r| r.0),
@@ -140,7 +142,7 @@ impl KernelChoice {
                     )
                 }
             }
-            _ => std::array::from_fn(|r| self.dot(format, w, x, first + r)),
+            _ => w.map(|w| std::array::from_fn(|r| self.dot(format, w, x, first + r))),
         }
     }
 }
@@ -224,7 +226,7 @@ mod tests {
 
     #[test]
     fn a_product_on_several_threads_equals_one_on_one() {
-        let (rows, cols, m) = (300, 256, 5);
+        let (rows, cols, m) = (301, 256, 5);
         for format in Format::ALL {
             let mut data = Vec::new();
             let mut state = 7u32;
@@ -258,7 +260,7 @@ mod tests {
     }
 
     proptest! {
-        /// Four rows at once give what four single dot products give.
+        /// A tile of weight rows by four activation rows gives what single dot products give.
         #[test]
         fn four_rows_at_once_equal_one_at_a_time(
             (format, w, x) in case(),
@@ -267,8 +269,12 @@ mod tests {
             let cols = x.len();
             let acts = QuantizedActivations::quantize(KernelChoice::detect(), &rows[..4 * cols], 4, cols);
             for kernel in KernelChoice::available() {
-                let four = kernel.dot4(format, &w, &acts, 0);
-                for (r, got) in four.iter().enumerate() {
+                // The same weight row twice, and once alone.
+                let pair = kernel.dot_tile(format, [&w[..], &w[..]], &acts, 0);
+                let [single] = kernel.dot_tile(format, [&w[..]], &acts, 0);
+                prop_assert_eq!(pair[0], single);
+                prop_assert_eq!(pair[1], single);
+                for (r, got) in single.iter().enumerate() {
                     let one = kernel.dot(format, &w, &acts, r);
                     prop_assert!((got - one).abs() <= 1e-4 * (1.0 + one.abs()), "{got} against {one}");
                 }

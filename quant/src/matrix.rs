@@ -146,19 +146,33 @@ impl QuantMatrix {
         // SAFETY (of the writes): `n < self.rows <= stride` and `m < x.rows`, and `matmul`
         // checked that `out` holds `x.rows * self.rows` values with `stride == self.rows`;
         // bands are disjoint ranges of `n`, so no two tasks write one value.
-        for n in rows {
-            let w = self.row(n);
-            let mut m = 0;
-            while m + 4 <= x.rows {
-                let four = kernel.dot4(self.format, w, x, m);
-                for (r, value) in four.into_iter().enumerate() {
-                    unsafe { *out.add((m + r) * stride + n) = value };
+        let four_rows = x.rows / 4 * 4;
+        let mut n = rows.start;
+        while n < rows.end {
+            // Tiles of two weight rows by four activation rows; the odd row alone.
+            let tile = if n + 2 <= rows.end { 2 } else { 1 };
+            for m in (0..four_rows).step_by(4) {
+                let (pair, single);
+                let values: &[[f32; 4]] = if tile == 2 {
+                    pair = kernel.dot_tile(self.format, [self.row(n), self.row(n + 1)], x, m);
+                    &pair
+                } else {
+                    single = kernel.dot_tile(self.format, [self.row(n)], x, m);
+                    &single
+                };
+                for (i, four) in values.iter().enumerate() {
+                    for (r, value) in four.iter().enumerate() {
+                        unsafe { *out.add((m + r) * stride + n + i) = *value };
+                    }
                 }
-                m += 4;
             }
-            for m in m..x.rows {
-                unsafe { *out.add(m * stride + n) = kernel.dot(self.format, w, x, m) };
+            for i in 0..tile {
+                for m in four_rows..x.rows {
+                    let value = kernel.dot(self.format, self.row(n + i), x, m);
+                    unsafe { *out.add(m * stride + n + i) = value };
+                }
             }
+            n += tile;
         }
     }
 }

@@ -177,54 +177,60 @@ pub unsafe fn quantize_block(x: &[f32], out: &mut [i8]) -> (f32, i32) {
     (d, _mm_cvtsi128_si32(sum))
 }
 
-/// One weight row times `R` quantized activation rows at once: each weight block is
-/// loaded and unpacked once for all `R` (prefill multiplies many rows by each weight).
+/// `N` weight rows times `R` quantized activation rows at once: each weight block is
+/// loaded and unpacked once for all `R` rows, and each activation block once for all `N`
+/// (prefill multiplies many rows by each weight).
 ///
 /// # Safety
-/// As [`dot`], for each of the `R` rows.
+/// As [`dot`], for each of the `N` weight rows and `R` activation rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_rows<const R: usize>(
+pub unsafe fn dot_tile<const N: usize, const R: usize>(
     format: Format,
-    w: &[u8],
+    w: [&[u8]; N],
     q: [&[i8]; R],
     d: [&[f32]; R],
     s: [&[f32]; R],
-) -> [f32; R] {
+) -> [[f32; R]; N] {
     let size = format.block_bytes();
-    let blocks = w.len() / size;
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut offsets = [0f32; R];
+    let blocks = w[0].len() / size;
+    let mut acc = [[_mm256_setzero_ps(); R]; N];
+    let mut offsets = [[0f32; R]; N];
     for b in 0..blocks {
-        let block = w.as_ptr().add(b * size);
-        let dw = half_at(block);
-        // The weights as unsigned bytes, and (Q8_0) their signs to move onto x.
-        let (weights, signs) = match format {
-            Format::Q4_0 => (unpack_nibbles(block.add(2)), None),
-            Format::Q4_1 => (unpack_nibbles(block.add(4)), None),
-            Format::Q8_0 => {
-                let w = _mm256_loadu_si256(block.add(2) as *const __m256i);
-                (_mm256_sign_epi8(w, w), Some(w))
-            }
-        };
-        let offset_weight = match format {
-            Format::Q4_0 => -8.0 * dw,
-            Format::Q4_1 => half_at(block.add(2)),
-            Format::Q8_0 => 0.0,
-        };
+        let mut weights = [_mm256_setzero_si256(); N];
+        let mut scales = [0f32; N];
+        let mut offset_weights = [0f32; N];
+        for n in 0..N {
+            let block = w[n].as_ptr().add(b * size);
+            let dw = half_at(block);
+            scales[n] = dw;
+            (weights[n], offset_weights[n]) = match format {
+                Format::Q4_0 => (unpack_nibbles(block.add(2)), -8.0 * dw),
+                Format::Q4_1 => (unpack_nibbles(block.add(4)), half_at(block.add(2))),
+                Format::Q8_0 => (_mm256_loadu_si256(block.add(2) as *const __m256i), 0.0),
+            };
+        }
         for r in 0..R {
             let x = _mm256_loadu_si256(q[r].as_ptr().add(b * BLOCK) as *const __m256i);
-            let x = match signs {
-                Some(w) => _mm256_sign_epi8(x, w),
-                None => x,
-            };
-            let scale = _mm256_set1_ps(dw * d[r][b]);
-            acc[r] = _mm256_fmadd_ps(unsigned_dot(weights, x), scale, acc[r]);
-            offsets[r] += offset_weight * s[r][b];
+            let (dx, sx) = (*d[r].get_unchecked(b), *s[r].get_unchecked(b));
+            for n in 0..N {
+                let lanes = match format {
+                    // |w| times x with w's sign: maddubs wants its first operand unsigned.
+                    Format::Q8_0 => unsigned_dot(
+                        _mm256_sign_epi8(weights[n], weights[n]),
+                        _mm256_sign_epi8(x, weights[n]),
+                    ),
+                    _ => unsigned_dot(weights[n], x),
+                };
+                acc[n][r] = _mm256_fmadd_ps(lanes, _mm256_set1_ps(scales[n] * dx), acc[n][r]);
+                offsets[n][r] += offset_weights[n] * sx;
+            }
         }
     }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        out[r] = horizontal_sum(acc[r]) + offsets[r];
+    let mut out = [[0f32; R]; N];
+    for n in 0..N {
+        for r in 0..R {
+            out[n][r] = horizontal_sum(acc[n][r]) + offsets[n][r];
+        }
     }
     out
 }

@@ -7,11 +7,20 @@ use candle_core::quantized::QTensor;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Result, Shape, Tensor,
 };
+use nanofleet_inference::CpuQuantMatMul;
 
 /// `y = x Wᵀ` with `W` (out, in) quantized. candle runs `QMatMul` through `apply_op1_no_bwd`,
 /// which cuts the graph: nothing before a quantized layer would get a gradient. This op runs
-/// the same kernels forward and supplies the missing backward.
-struct QuantizedMatMul(Arc<QTensor>);
+/// the serving engine's kernels forward (nanofleet's own on the CPU for the formats they
+/// read, candle's otherwise) and supplies the missing backward.
+struct QuantizedMatMul(Arc<FrozenWeight>);
+
+/// A frozen weight, with the CPU kernels' op where they read its format.
+#[derive(Debug)]
+pub(crate) struct FrozenWeight {
+    weight: Arc<QTensor>,
+    cpu: Option<CpuQuantMatMul>,
+}
 
 impl CustomOp1 for QuantizedMatMul {
     fn name(&self) -> &'static str {
@@ -19,15 +28,18 @@ impl CustomOp1 for QuantizedMatMul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.0.cpu_fwd(storage, layout)
+        match &self.0.cpu {
+            Some(op) => op.cpu_fwd(storage, layout),
+            None => self.0.weight.cpu_fwd(storage, layout),
+        }
     }
 
     fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        self.0.cuda_fwd(storage, layout)
+        self.0.weight.cuda_fwd(storage, layout)
     }
 
     fn metal_fwd(&self, storage: &MetalStorage, layout: &Layout) -> Result<(MetalStorage, Shape)> {
-        self.0.metal_fwd(storage, layout)
+        self.0.weight.metal_fwd(storage, layout)
     }
 
     /// The weight is frozen, so only the input has a gradient: `dX = dY · W`. `W` is
@@ -35,7 +47,7 @@ impl CustomOp1 for QuantizedMatMul {
     /// quantized copy (a 4-bit base stays about 8× smaller than its f32 form), and
     /// dequantizing costs O(out·in), a small fraction of the O(tokens·out·in) matmul beside it.
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let weight = self.0.dequantize(grad_res.device())?;
+        let weight = self.0.weight.dequantize(grad_res.device())?;
         let (out, inputs) = weight.dims2()?;
         let mut dims = grad_res.dims().to_vec();
         let rows = grad_res.elem_count() / out;
@@ -51,7 +63,7 @@ impl CustomOp1 for QuantizedMatMul {
 #[derive(Debug, Clone)]
 pub(crate) enum FrozenLinear {
     /// The training path: quantized forward, custom backward.
-    Quantized(Arc<QTensor>),
+    Quantized(Arc<FrozenWeight>),
     /// The dequantized weight as a plain tensor under ordinary autograd: the reference that
     /// the gradient checks compare the custom backward with.
     #[cfg(test)]
@@ -59,14 +71,18 @@ pub(crate) enum FrozenLinear {
 }
 
 impl FrozenLinear {
-    pub(crate) fn new(weight: Arc<QTensor>) -> Self {
-        Self::Quantized(weight)
+    pub(crate) fn new(weight: Arc<QTensor>) -> Result<Self> {
+        let cpu = match weight.device() {
+            candle_core::Device::Cpu => CpuQuantMatMul::new(&weight)?,
+            _ => None,
+        };
+        Ok(Self::Quantized(Arc::new(FrozenWeight { weight, cpu })))
     }
 
     /// (out, in).
     pub(crate) fn dims(&self) -> Result<(usize, usize)> {
         match self {
-            Self::Quantized(weight) => weight.shape().dims2(),
+            Self::Quantized(frozen) => frozen.weight.shape().dims2(),
             #[cfg(test)]
             Self::Dense(weight) => weight.dims2(),
         }
@@ -87,7 +103,9 @@ impl FrozenLinear {
     #[cfg(test)]
     pub(crate) fn dequantized(&self) -> Result<Self> {
         match self {
-            Self::Quantized(weight) => Ok(Self::Dense(weight.dequantize(&weight.device())?)),
+            Self::Quantized(frozen) => Ok(Self::Dense(
+                frozen.weight.dequantize(&frozen.weight.device())?,
+            )),
             Self::Dense(weight) => Ok(Self::Dense(weight.clone())),
         }
     }
@@ -119,7 +137,7 @@ mod tests {
             // Scaled so that outputs are O(1), where tanh is neither flat nor linear.
             let weight = uniform(&[48, 64], 0.2);
             let q = Arc::new(QTensor::quantize(&weight, dtype).unwrap());
-            let quantized = FrozenLinear::new(Arc::clone(&q));
+            let quantized = FrozenLinear::new(Arc::clone(&q)).unwrap();
             let dense = quantized.dequantized().unwrap();
             let x = Var::from_tensor(&uniform(&[2, 3, 64], 1.0)).unwrap();
             let probe = uniform(&[2, 3, 48], 1.0);

@@ -228,7 +228,9 @@ impl TrainModel {
                 .map(|target| {
                     loader
                         .matrix(&format!("blk.{layer}.{}.weight", gguf_name(*target)))
-                        .map(FrozenLinear::new)
+                        .and_then(|w| {
+                            FrozenLinear::new(w).map_err(tensor_err("preparing a frozen matrix"))
+                        })
                 })
                 .collect::<Result<Vec<_>>>()?;
             blocks.push(Block {
@@ -284,7 +286,7 @@ impl TrainModel {
             embeddings,
             blocks,
             norm,
-            output: FrozenLinear::new(output),
+            output: FrozenLinear::new(output).map_err(tensor_err("preparing the output matrix"))?,
             cos,
             sin,
             lora,

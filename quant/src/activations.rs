@@ -47,10 +47,6 @@ impl QuantizedActivations {
         out
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// Row `r`: its values, scales and offset terms.
     pub(crate) fn row(&self, r: usize) -> (&[i8], &[f32], &[f32]) {
         let blocks = self.cols / BLOCK;

@@ -59,10 +59,6 @@ impl QuantMatrix {
         })
     }
 
-    pub fn format(&self) -> Format {
-        self.format
-    }
-
     pub fn rows(&self) -> usize {
         self.rows
     }

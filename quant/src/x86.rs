@@ -36,6 +36,18 @@ unsafe fn unsigned_dot(w: __m256i, x: __m256i) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
 }
 
+/// Runs `$kernel::<FORMAT, ..>($args)` for the `FORMAT` (0 = Q4_0, 1 = Q4_1, 2 = Q8_0)
+/// of `$format`: one loop per format, so that nothing in the loops branches on it.
+macro_rules! by_format {
+    ($format:expr, $kernel:ident $(<$($generic:tt),*>)? ($($arg:expr),*)) => {
+        match $format {
+            Format::Q4_0 => $kernel::<0 $($(, $generic)*)?>($($arg),*),
+            Format::Q4_1 => $kernel::<1 $($(, $generic)*)?>($($arg),*),
+            Format::Q8_0 => $kernel::<2 $($(, $generic)*)?>($($arg),*),
+        }
+    };
+}
+
 /// One weight row times one quantized activation row (see `scalar::dot`).
 ///
 /// # Safety
@@ -45,12 +57,7 @@ unsafe fn unsigned_dot(w: __m256i, x: __m256i) -> __m256 {
 pub unsafe fn dot(format: Format, w: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
     let blocks = w.len() / format.block_bytes();
     debug_assert!(q.len() >= blocks * BLOCK && d.len() >= blocks && s.len() >= blocks);
-    // One loop per format, so that nothing in it branches on the format.
-    match format {
-        Format::Q4_0 => dot_format::<0>(w, q, d, s, blocks),
-        Format::Q4_1 => dot_format::<1>(w, q, d, s, blocks),
-        Format::Q8_0 => dot_format::<2>(w, q, d, s, blocks),
-    }
+    by_format!(format, row(w, q, d, s, blocks))
 }
 
 /// Consecutive weight rows of `row_bytes` each times one activation row, one value per
@@ -68,69 +75,124 @@ pub unsafe fn dot_band(
     s: &[f32],
     out: &mut [f32],
 ) {
-    let blocks = row_bytes / format.block_bytes();
     for (row, out) in w.chunks_exact(row_bytes).zip(out) {
-        *out = match format {
-            Format::Q4_0 => dot_format::<0>(row, q, d, s, blocks),
-            Format::Q4_1 => dot_format::<1>(row, q, d, s, blocks),
-            Format::Q8_0 => dot_format::<2>(row, q, d, s, blocks),
-        };
+        *out = dot(format, row, q, d, s);
     }
 }
 
-/// The weights of one block as unsigned bytes and what multiplies x's sign into them, and
-/// the weight of the block's offset term (`FORMAT`: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0).
+/// `N` weight rows times `R` quantized activation rows at once: each weight block is
+/// loaded and unpacked once for all `R` rows, and each activation block once for all `N`
+/// (prefill multiplies many rows by each weight).
+///
+/// # Safety
+/// As [`dot`], for each of the `N` weight rows and `R` activation rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn block_terms<const FORMAT: u8>(block: *const u8, x: __m256i, dw: f32) -> (__m256, f32) {
+pub unsafe fn dot_tile<const N: usize, const R: usize>(
+    format: Format,
+    w: [&[u8]; N],
+    q: [&[i8]; R],
+    d: [&[f32]; R],
+    s: [&[f32]; R],
+) -> [[f32; R]; N] {
+    let blocks = w[0].len() / format.block_bytes();
+    debug_assert!(w.iter().all(|w| w.len() == blocks * format.block_bytes()));
+    debug_assert!((0..R)
+        .all(|r| q[r].len() >= blocks * BLOCK && d[r].len() >= blocks && s[r].len() >= blocks));
+    by_format!(format, tile < N, R > (w, q, d, s, blocks))
+}
+
+const fn block_bytes<const FORMAT: u8>() -> usize {
     match FORMAT {
-        0 => (unsigned_dot(unpack_nibbles(block.add(2)), x), -8.0 * dw),
-        1 => (
-            unsigned_dot(unpack_nibbles(block.add(4)), x),
-            half_at(block.add(2)),
-        ),
-        _ => {
-            let w = _mm256_loadu_si256(block.add(2) as *const __m256i);
-            // |w| times x with w's sign: maddubs wants its first operand unsigned.
-            (
-                unsigned_dot(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
-                0.0,
-            )
-        }
-    }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn dot_format<const FORMAT: u8>(
-    w: &[u8],
-    q: &[i8],
-    d: &[f32],
-    s: &[f32],
-    blocks: usize,
-) -> f32 {
-    let size = match FORMAT {
         0 => Format::Q4_0.block_bytes(),
         1 => Format::Q4_1.block_bytes(),
         _ => Format::Q8_0.block_bytes(),
-    };
+    }
+}
+
+/// A weight block as the products use it: its scale, its weights as bytes (the nibbles
+/// unpacked to 0..15, or Q8_0's signed bytes) and the weight of its offset term (`-8 d`
+/// for Q4_0, `m` for Q4_1).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load_block<const FORMAT: u8>(block: *const u8) -> (f32, __m256i, f32) {
+    let dw = half_at(block);
+    match FORMAT {
+        0 => (dw, unpack_nibbles(block.add(2)), -8.0 * dw),
+        1 => (dw, unpack_nibbles(block.add(4)), half_at(block.add(2))),
+        _ => (dw, _mm256_loadu_si256(block.add(2) as *const __m256i), 0.0),
+    }
+}
+
+/// Eight lanes of `sum(w * x)` for a block's weights (from [`load_block`]) and 32
+/// activation bytes.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn block_product<const FORMAT: u8>(weights: __m256i, x: __m256i) -> __m256 {
+    match FORMAT {
+        // |w| times x with w's sign: maddubs wants its first operand unsigned.
+        2 => unsigned_dot(
+            _mm256_sign_epi8(weights, weights),
+            _mm256_sign_epi8(x, weights),
+        ),
+        _ => unsigned_dot(weights, x),
+    }
+}
+
+/// One row: the generation path, kept apart from [`tile`] because a 1 x 1 tile's
+/// arrays cost it about an eighth of its speed.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn row<const FORMAT: u8>(w: &[u8], q: &[i8], d: &[f32], s: &[f32], blocks: usize) -> f32 {
     let (w, q) = (w.as_ptr(), q.as_ptr());
-    // Two blocks a step into two accumulators, so that their FMAs do not wait on each
-    // other.
+    // Two accumulators, alternating blocks, so that one block's FMA does not wait on the
+    // one before.
     let mut acc = [_mm256_setzero_ps(); 2];
     let mut offsets = [0f32; 2];
-    let mut b = 0;
-    while b < blocks {
+    for b in 0..blocks {
         let lane = b % 2;
-        let block = w.add(b * size);
+        let (dw, weights, offset_weight) = load_block::<FORMAT>(w.add(b * block_bytes::<FORMAT>()));
         let x = _mm256_loadu_si256(q.add(b * BLOCK) as *const __m256i);
-        let dw = half_at(block);
-        let (lanes, offset_weight) = block_terms::<FORMAT>(block, x, dw);
-        acc[lane] = _mm256_fmadd_ps(lanes, _mm256_set1_ps(dw * *d.get_unchecked(b)), acc[lane]);
+        let product = block_product::<FORMAT>(weights, x);
+        acc[lane] = _mm256_fmadd_ps(product, _mm256_set1_ps(dw * *d.get_unchecked(b)), acc[lane]);
         offsets[lane] += offset_weight * *s.get_unchecked(b);
-        b += 1;
     }
     horizontal_sum(_mm256_add_ps(acc[0], acc[1])) + offsets[0] + offsets[1]
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn tile<const FORMAT: u8, const N: usize, const R: usize>(
+    w: [&[u8]; N],
+    q: [&[i8]; R],
+    d: [&[f32]; R],
+    s: [&[f32]; R],
+    blocks: usize,
+) -> [[f32; R]; N] {
+    let mut acc = [[_mm256_setzero_ps(); R]; N];
+    let mut offsets = [[0f32; R]; N];
+    for b in 0..blocks {
+        let mut loaded = [(0f32, _mm256_setzero_si256(), 0f32); N];
+        for n in 0..N {
+            loaded[n] = load_block::<FORMAT>(w[n].as_ptr().add(b * block_bytes::<FORMAT>()));
+        }
+        for r in 0..R {
+            let x = _mm256_loadu_si256(q[r].as_ptr().add(b * BLOCK) as *const __m256i);
+            let (dx, sx) = (*d[r].get_unchecked(b), *s[r].get_unchecked(b));
+            for n in 0..N {
+                let (dw, weights, offset_weight) = loaded[n];
+                let product = block_product::<FORMAT>(weights, x);
+                acc[n][r] = _mm256_fmadd_ps(product, _mm256_set1_ps(dw * dx), acc[n][r]);
+                offsets[n][r] += offset_weight * sx;
+            }
+        }
+    }
+    let mut out = [[0f32; R]; N];
+    for n in 0..N {
+        for r in 0..R {
+            out[n][r] = horizontal_sum(acc[n][r]) + offsets[n][r];
+        }
+    }
+    out
 }
 
 /// Quantizes 32 values to signed bytes with scale `max|x| / 127` (rounding to nearest,
@@ -175,62 +237,4 @@ pub unsafe fn quantize_block(x: &[f32], out: &mut [i8]) -> (f32, i32) {
     let pair = _mm_add_epi32(quad, _mm_shuffle_epi32(quad, 0b01_00_11_10));
     let sum = _mm_add_epi32(pair, _mm_shuffle_epi32(pair, 0b10_11_00_01));
     (d, _mm_cvtsi128_si32(sum))
-}
-
-/// `N` weight rows times `R` quantized activation rows at once: each weight block is
-/// loaded and unpacked once for all `R` rows, and each activation block once for all `N`
-/// (prefill multiplies many rows by each weight).
-///
-/// # Safety
-/// As [`dot`], for each of the `N` weight rows and `R` activation rows.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_tile<const N: usize, const R: usize>(
-    format: Format,
-    w: [&[u8]; N],
-    q: [&[i8]; R],
-    d: [&[f32]; R],
-    s: [&[f32]; R],
-) -> [[f32; R]; N] {
-    let size = format.block_bytes();
-    let blocks = w[0].len() / size;
-    let mut acc = [[_mm256_setzero_ps(); R]; N];
-    let mut offsets = [[0f32; R]; N];
-    for b in 0..blocks {
-        let mut weights = [_mm256_setzero_si256(); N];
-        let mut scales = [0f32; N];
-        let mut offset_weights = [0f32; N];
-        for n in 0..N {
-            let block = w[n].as_ptr().add(b * size);
-            let dw = half_at(block);
-            scales[n] = dw;
-            (weights[n], offset_weights[n]) = match format {
-                Format::Q4_0 => (unpack_nibbles(block.add(2)), -8.0 * dw),
-                Format::Q4_1 => (unpack_nibbles(block.add(4)), half_at(block.add(2))),
-                Format::Q8_0 => (_mm256_loadu_si256(block.add(2) as *const __m256i), 0.0),
-            };
-        }
-        for r in 0..R {
-            let x = _mm256_loadu_si256(q[r].as_ptr().add(b * BLOCK) as *const __m256i);
-            let (dx, sx) = (*d[r].get_unchecked(b), *s[r].get_unchecked(b));
-            for n in 0..N {
-                let lanes = match format {
-                    // |w| times x with w's sign: maddubs wants its first operand unsigned.
-                    Format::Q8_0 => unsigned_dot(
-                        _mm256_sign_epi8(weights[n], weights[n]),
-                        _mm256_sign_epi8(x, weights[n]),
-                    ),
-                    _ => unsigned_dot(weights[n], x),
-                };
-                acc[n][r] = _mm256_fmadd_ps(lanes, _mm256_set1_ps(scales[n] * dx), acc[n][r]);
-                offsets[n][r] += offset_weights[n] * sx;
-            }
-        }
-    }
-    let mut out = [[0f32; R]; N];
-    for n in 0..N {
-        for r in 0..R {
-            out[n][r] = horizontal_sum(acc[n][r]) + offsets[n][r];
-        }
-    }
-    out
 }

@@ -88,6 +88,21 @@ impl CpuQuantMatMul {
             kernel: KernelChoice::detect(),
         }))
     }
+
+    /// (rows, cols): (out, in) of the layer.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.matrix.rows(), self.matrix.cols())
+    }
+
+    /// The weight as an f32 tensor (rows, cols), as candle's `QTensor::dequantize` gives it.
+    pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
+        let (rows, cols) = self.dims();
+        let mut values = vec![0f32; rows * cols];
+        for (row, out) in values.chunks_exact_mut(cols).enumerate() {
+            self.matrix.dequantize_row(row, out);
+        }
+        Tensor::from_vec(values, (rows, cols), device)
+    }
 }
 
 thread_local! {
@@ -127,5 +142,35 @@ impl CustomOp1 for CpuQuantMatMul {
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("activations have a last dimension") = self.matrix.rows();
         Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_form_dequantizes_as_candle_does_and_refuses_other_formats() {
+        let device = Device::Cpu;
+        let values: Vec<f32> = (0..64 * 96)
+            .map(|i| ((i * 37 % 211) as f32 - 105.0) / 50.0)
+            .collect();
+        let dense = Tensor::from_vec(values, (64, 96), &device).unwrap();
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let weight = QTensor::quantize(&dense, dtype).unwrap();
+            let op = CpuQuantMatMul::new(&weight)
+                .unwrap()
+                .expect("a format the kernels read");
+            assert_eq!(op.dims(), (64, 96));
+            let ours = op.dequantize(&device).unwrap().to_vec2::<f32>().unwrap();
+            let candle = weight
+                .dequantize(&device)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            assert_eq!(ours, candle, "{dtype:?}");
+        }
+        let k_quant = QTensor::quantize(&dense.repeat((1, 8)).unwrap(), GgmlDType::Q4K).unwrap();
+        assert!(CpuQuantMatMul::new(&k_quant).unwrap().is_none());
     }
 }

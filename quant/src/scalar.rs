@@ -51,14 +51,17 @@ pub fn dequantize(format: Format, w: &[u8], out: &mut [f32]) {
     for (block, out) in w.chunks_exact(size).zip(out.chunks_exact_mut(BLOCK)) {
         let dw = half_at(block, 0);
         match format {
-            Format::Q4_0 | Format::Q4_1 => {
-                let (offset, nibbles) = match format {
-                    Format::Q4_0 => (-8.0 * dw, &block[2..]),
-                    _ => (half_at(block, 2), &block[4..]),
-                };
+            Format::Q4_0 => {
                 for j in 0..BLOCK / 2 {
-                    out[j] = f32::from(nibbles[j] & 0x0F) * dw + offset;
-                    out[j + BLOCK / 2] = f32::from(nibbles[j] >> 4) * dw + offset;
+                    out[j] = f32::from(i16::from(block[2 + j] & 0x0F) - 8) * dw;
+                    out[j + BLOCK / 2] = f32::from(i16::from(block[2 + j] >> 4) - 8) * dw;
+                }
+            }
+            Format::Q4_1 => {
+                let m = half_at(block, 2);
+                for j in 0..BLOCK / 2 {
+                    out[j] = f32::from(block[4 + j] & 0x0F) * dw + m;
+                    out[j + BLOCK / 2] = f32::from(block[4 + j] >> 4) * dw + m;
                 }
             }
             Format::Q8_0 => {

@@ -5,8 +5,8 @@
 # receive one rollout: a small signed model published here with the operator CLI, rolled
 # out in waves of 1%, 10% and 100% of the fleet, each wave starting once the one before
 # reports healthy, at most FLEETSIM_MAX_PER_SECOND agents assigned a second. Every agent
-# verifies the signed manifest against its own trust policy, fetches and checks the chunks, activates the version and reports its health,
-# with the agent's own code. Prints the enrollment rate, heartbeat p50/p99, the time
+# verifies the signed manifest against its own trust policy, fetches and checks the
+# chunks, activates the version and reports its health, with the agent's own code. Prints the enrollment rate, heartbeat p50/p99, the time
 # until every agent has the assignment and until the rollout is complete, the
 # coordinator's CPU and peak RSS, with the targets beside them; exits non-zero when one
 # is missed. Run it on a quiet machine.

@@ -15,11 +15,36 @@ use nanofleet_inference::CpuQuantMatMul;
 /// read, candle's otherwise) and supplies the missing backward.
 struct QuantizedMatMul(Arc<FrozenWeight>);
 
-/// A frozen weight, with the CPU kernels' op where they read its format.
+/// A frozen weight, held once: in the CPU kernels' form where they read its format, as
+/// candle's `QTensor` otherwise.
 #[derive(Debug)]
-pub(crate) struct FrozenWeight {
-    weight: Arc<QTensor>,
-    cpu: Option<CpuQuantMatMul>,
+pub(crate) enum FrozenWeight {
+    Cpu(CpuQuantMatMul),
+    Candle(Arc<QTensor>),
+}
+
+impl FrozenWeight {
+    fn dims(&self) -> Result<(usize, usize)> {
+        match self {
+            Self::Cpu(op) => Ok(op.dims()),
+            Self::Candle(weight) => weight.shape().dims2(),
+        }
+    }
+
+    fn dequantize(&self, device: &candle_core::Device) -> Result<Tensor> {
+        match self {
+            Self::Cpu(op) => op.dequantize(device),
+            Self::Candle(weight) => weight.dequantize(device),
+        }
+    }
+
+    /// candle's weight, for the GPU forward passes (the CPU form is only made on the CPU).
+    fn candle(&self) -> Result<&QTensor> {
+        match self {
+            Self::Candle(weight) => Ok(weight),
+            Self::Cpu(_) => candle_core::bail!("a CPU-kernel weight on a GPU device"),
+        }
+    }
 }
 
 impl CustomOp1 for QuantizedMatMul {
@@ -28,18 +53,18 @@ impl CustomOp1 for QuantizedMatMul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        match &self.0.cpu {
-            Some(op) => op.cpu_fwd(storage, layout),
-            None => self.0.weight.cpu_fwd(storage, layout),
+        match &*self.0 {
+            FrozenWeight::Cpu(op) => op.cpu_fwd(storage, layout),
+            FrozenWeight::Candle(weight) => weight.cpu_fwd(storage, layout),
         }
     }
 
     fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        self.0.weight.cuda_fwd(storage, layout)
+        self.0.candle()?.cuda_fwd(storage, layout)
     }
 
     fn metal_fwd(&self, storage: &MetalStorage, layout: &Layout) -> Result<(MetalStorage, Shape)> {
-        self.0.weight.metal_fwd(storage, layout)
+        self.0.candle()?.metal_fwd(storage, layout)
     }
 
     /// The weight is frozen, so only the input has a gradient: `dX = dY · W`. `W` is
@@ -47,7 +72,7 @@ impl CustomOp1 for QuantizedMatMul {
     /// quantized copy (a 4-bit base stays about 8× smaller than its f32 form), and
     /// dequantizing costs O(out·in), a small fraction of the O(tokens·out·in) matmul beside it.
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let weight = self.0.weight.dequantize(grad_res.device())?;
+        let weight = self.0.dequantize(grad_res.device())?;
         let (out, inputs) = weight.dims2()?;
         let mut dims = grad_res.dims().to_vec();
         let rows = grad_res.elem_count() / out;
@@ -72,17 +97,22 @@ pub(crate) enum FrozenLinear {
 
 impl FrozenLinear {
     pub(crate) fn new(weight: Arc<QTensor>) -> Result<Self> {
+        // The CPU form copies the weight's blocks; the `QTensor` is dropped with this
+        // function unless someone else holds it, so training keeps one copy.
         let cpu = match weight.device() {
             candle_core::Device::Cpu => CpuQuantMatMul::new(&weight)?,
             _ => None,
         };
-        Ok(Self::Quantized(Arc::new(FrozenWeight { weight, cpu })))
+        Ok(Self::Quantized(Arc::new(match cpu {
+            Some(op) => FrozenWeight::Cpu(op),
+            None => FrozenWeight::Candle(weight),
+        })))
     }
 
     /// (out, in).
     pub(crate) fn dims(&self) -> Result<(usize, usize)> {
         match self {
-            Self::Quantized(frozen) => frozen.weight.shape().dims2(),
+            Self::Quantized(frozen) => frozen.dims(),
             #[cfg(test)]
             Self::Dense(weight) => weight.dims2(),
         }
@@ -103,9 +133,13 @@ impl FrozenLinear {
     #[cfg(test)]
     pub(crate) fn dequantized(&self) -> Result<Self> {
         match self {
-            Self::Quantized(frozen) => Ok(Self::Dense(
-                frozen.weight.dequantize(&frozen.weight.device())?,
-            )),
+            Self::Quantized(frozen) => {
+                let device = match &**frozen {
+                    FrozenWeight::Cpu(_) => candle_core::Device::Cpu,
+                    FrozenWeight::Candle(weight) => weight.device(),
+                };
+                Ok(Self::Dense(frozen.dequantize(&device)?))
+            }
             Self::Dense(weight) => Ok(Self::Dense(weight.clone())),
         }
     }

@@ -11,8 +11,9 @@ use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 use candle_transformers::utils::{build_causal_mask, repeat_kv};
 
+use crate::cpu_attention;
 use crate::lora::{LoraAdapter, LoraDelta, LoraTarget};
-use crate::quant_linear::QuantLinear;
+use crate::quant_linear::{MappedFile, QuantLinear};
 
 /// Positions the rotary tables cover, as in candle's loader, so both enforce one context.
 pub(crate) const MAX_SEQ_LEN: usize = candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
@@ -45,7 +46,15 @@ struct Layer {
     down: AdaptedLinear,
     attention_norm: RmsNorm,
     ffn_norm: RmsNorm,
-    kv_cache: Option<(Tensor, Tensor)>,
+    cache: LayerCache,
+}
+
+/// A layer's keys and values so far: the CPU's fused attention keeps plain rows, other
+/// devices candle tensors.
+#[derive(Debug, Clone)]
+enum LayerCache {
+    Cpu(cpu_attention::KvCache),
+    Tensors(Option<(Tensor, Tensor)>),
 }
 
 /// Weights shared by every session: the rotary tables and sizes.
@@ -57,6 +66,8 @@ struct Shape {
     cos: Tensor,
     sin: Tensor,
     neg_inf: Tensor,
+    /// The rotary tables as plain rows, for the CPU's fused attention.
+    rotary: Option<cpu_attention::Rotary>,
 }
 
 /// The token embedding table: kept quantized where this crate's kernels read its format
@@ -100,6 +111,7 @@ impl AdaptedLlama {
     pub(crate) fn from_gguf<R: Read + Seek>(
         ct: gguf_file::Content,
         reader: &mut R,
+        mapped: Option<&MappedFile>,
         device: &Device,
         adapter: Option<&LoraAdapter>,
     ) -> Result<Self> {
@@ -127,8 +139,16 @@ impl AdaptedLlama {
             .and_then(|v| v.to_f32().ok())
             .unwrap_or(10_000.0);
         let (cos, sin) = rotary_tables(rope_dim, freq_base, device)?;
+        let rotary = match device {
+            Device::Cpu => Some(cpu_attention::Rotary {
+                cos: cos.flatten_all()?.to_vec1()?,
+                sin: sin.flatten_all()?.to_vec1()?,
+                positions: MAX_SEQ_LEN,
+            }),
+            _ => None,
+        };
 
-        let table = QuantLinear::new(ct.tensor(reader, "token_embd.weight", device)?, device)?;
+        let table = QuantLinear::load(&ct, reader, mapped, "token_embd.weight", device)?;
         let embeddings = match &table {
             QuantLinear::Own(_) => TokenEmbedding::Quantized(table.clone()),
             QuantLinear::Candle(_) => TokenEmbedding::Dense(Embedding::new(
@@ -139,16 +159,17 @@ impl AdaptedLlama {
         };
         let norm = RmsNorm::from_qtensor(ct.tensor(reader, "output_norm.weight", device)?, eps)?;
         // Tied embeddings when the file has no separate output matrix (SmolLM2).
-        let output = match ct.tensor(reader, "output.weight", device) {
-            Ok(tensor) => QuantLinear::new(tensor, device)?,
-            Err(_) => table,
+        let output = if ct.tensor_infos.contains_key("output.weight") {
+            QuantLinear::load(&ct, reader, mapped, "output.weight", device)?
+        } else {
+            table
         };
         let mut layers = Vec::with_capacity(block_count);
         for layer in 0..block_count {
             let mut linear = |name: &str, target: LoraTarget| -> Result<AdaptedLinear> {
-                let weight = ct.tensor(reader, &format!("blk.{layer}.{name}.weight"), device)?;
+                let weight = format!("blk.{layer}.{name}.weight");
                 Ok(AdaptedLinear {
-                    base: QuantLinear::new(weight, device)?,
+                    base: QuantLinear::load(&ct, reader, mapped, &weight, device)?,
                     delta: adapter.and_then(|a| a.delta(layer, target)).cloned(),
                 })
             };
@@ -173,7 +194,11 @@ impl AdaptedLlama {
                 down,
                 attention_norm: norm_weight("attn_norm", reader)?,
                 ffn_norm: norm_weight("ffn_norm", reader)?,
-                kv_cache: None,
+                cache: if device.is_cpu() {
+                    LayerCache::Cpu(Default::default())
+                } else {
+                    LayerCache::Tensors(None)
+                },
             });
         }
         Ok(Self {
@@ -188,6 +213,7 @@ impl AdaptedLlama {
                 cos,
                 sin,
                 neg_inf: Tensor::new(f32::NEG_INFINITY, device)?,
+                rotary,
             }),
         })
     }
@@ -195,7 +221,7 @@ impl AdaptedLlama {
     /// Logits after the last of `tokens` (batch, seq) placed at `position..`.
     pub(crate) fn forward(&mut self, tokens: &Tensor, position: usize) -> Result<Tensor> {
         let (_batch, seq_len) = tokens.dims2()?;
-        let mask = if seq_len == 1 {
+        let mask = if seq_len == 1 || self.shape.rotary.is_some() {
             None
         } else {
             Some(build_causal_mask(seq_len, position, tokens.device())?)
@@ -246,6 +272,34 @@ fn attend(
     position: usize,
 ) -> Result<Tensor> {
     let (batch, seq_len, hidden) = x.dims3()?;
+    if let (LayerCache::Cpu(cache), Some(rotary)) = (&mut layer.cache, &shape.rotary) {
+        if batch != 1 {
+            candle_core::bail!("attention on the CPU takes one sequence at a time, not {batch}");
+        }
+        let rows = |linear: &AdaptedLinear| linear.forward(x)?.flatten_all()?.to_vec1::<f32>();
+        let (mut q, mut k, v) = (rows(&layer.wq)?, rows(&layer.wk)?, rows(&layer.wv)?);
+        let dims = cpu_attention::Dims {
+            heads: shape.heads,
+            kv_heads: shape.kv_heads,
+            head_dim: shape.head_dim,
+        };
+        let y = cpu_attention::attend(
+            dims,
+            cache,
+            &mut q,
+            &mut k,
+            &v,
+            rotary,
+            position,
+            nanofleet_quant::Pool::global(),
+        )?;
+        return layer
+            .wo
+            .forward(&Tensor::from_vec(y, (batch, seq_len, hidden), x.device())?);
+    }
+    let LayerCache::Tensors(kv_cache) = &mut layer.cache else {
+        candle_core::bail!("the CPU's attention cache outside the CPU");
+    };
     let q = layer
         .wq
         .forward(x)?
@@ -264,14 +318,14 @@ fn attend(
         .contiguous()?;
     let q = rotate(&q, shape, position)?;
     let k = rotate(&k, shape, position)?;
-    let (k, v) = match &layer.kv_cache {
+    let (k, v) = match kv_cache {
         Some((k_cache, v_cache)) if position > 0 => (
             Tensor::cat(&[k_cache, &k], 2)?,
             Tensor::cat(&[v_cache, &v], 2)?,
         ),
         _ => (k, v),
     };
-    layer.kv_cache = Some((k.clone(), v.clone()));
+    *kv_cache = Some((k.clone(), v.clone()));
     let k = repeat_kv(k, shape.heads / shape.kv_heads)?;
     let v = repeat_kv(v, shape.heads / shape.kv_heads)?;
     let scores = (q.matmul(&k.t()?)? / (shape.head_dim as f64).sqrt())?;

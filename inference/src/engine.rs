@@ -16,6 +16,7 @@ use crate::lora::{LoraAdapter, LoraConfig};
 use crate::metadata::Metadata;
 use crate::model::{Architecture, Weights};
 use crate::output::TextOutput;
+use crate::quant_linear::MappedFile;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::text::ModelText;
 use crate::tokenizer::Tokenizer;
@@ -239,6 +240,7 @@ impl Engine {
             path: path.clone(),
             source,
         })?;
+        let mapped = MappedFile::new(&file);
         let mut reader = std::io::BufReader::new(file);
         let content =
             gguf_file::Content::read(&mut reader).map_err(|source| InferenceError::Gguf {
@@ -300,6 +302,7 @@ impl Engine {
             architecture,
             content,
             &mut reader,
+            mapped.as_ref(),
             &options.device,
             adapter.as_ref(),
         )?;

@@ -19,6 +19,7 @@
 
 mod adapted_llama;
 mod chat;
+mod cpu_attention;
 pub mod device;
 mod engine;
 mod error;

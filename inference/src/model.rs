@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::adapted_llama::AdaptedLlama;
 use crate::error::{model_err, InferenceError, Result};
 use crate::lora::LoraAdapter;
+use crate::quant_linear::MappedFile;
 
 /// Model families the engine can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -91,6 +92,7 @@ impl Weights {
         architecture: Architecture,
         content: gguf_file::Content,
         reader: &mut R,
+        mapped: Option<&MappedFile>,
         device: &Device,
         adapter: Option<&LoraAdapter>,
     ) -> Result<Self> {
@@ -98,7 +100,7 @@ impl Weights {
         if let Some(adapter) = adapter {
             return match architecture {
                 Architecture::Llama => Ok(Self::AdaptedLlama(
-                    AdaptedLlama::from_gguf(content, reader, device, Some(adapter))
+                    AdaptedLlama::from_gguf(content, reader, mapped, device, Some(adapter))
                         .map_err(load)?,
                 )),
                 other => Err(InferenceError::AdapterArchitecture(
@@ -108,7 +110,7 @@ impl Weights {
         }
         if architecture == Architecture::Llama && device.is_cpu() {
             return Ok(Self::AdaptedLlama(
-                AdaptedLlama::from_gguf(content, reader, device, None).map_err(load)?,
+                AdaptedLlama::from_gguf(content, reader, mapped, device, None).map_err(load)?,
             ));
         }
         Ok(match architecture {

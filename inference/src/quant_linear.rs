@@ -1,11 +1,13 @@
 //! Linear layers over quantized weights: nanofleet's own kernels (`nanofleet-quant`) on
-//! the CPU for the formats they cover (Q4_0, Q4_1, Q8_0), candle's `QMatMul` otherwise
-//! (other formats, GPUs). Prefill runs as one product over all the prompt's rows.
+//! the CPU for the formats they cover (Q4_0, Q4_1, Q8_0), packed straight from the mapped
+//! GGUF file; candle's `QMatMul` otherwise (other formats, GPUs). Prefill runs as one
+//! product over all the prompt's rows.
 
 use std::cell::RefCell;
+use std::io::{Read, Seek};
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Result, Shape, Tensor};
 use nanofleet_quant::{Format, KernelChoice, Pool, QuantMatrix, QuantizedActivations};
 
@@ -17,8 +19,21 @@ pub(crate) enum QuantLinear {
 }
 
 impl QuantLinear {
-    /// Our kernels where they apply, candle's otherwise.
-    pub(crate) fn new(weight: QTensor, device: &Device) -> Result<Self> {
+    /// Weight `name` of the GGUF file: packed for our kernels straight from `mapped` where
+    /// they apply, read through candle otherwise.
+    pub(crate) fn load<R: Read + Seek>(
+        content: &gguf_file::Content,
+        reader: &mut R,
+        mapped: Option<&MappedFile>,
+        name: &str,
+        device: &Device,
+    ) -> Result<Self> {
+        if let (Device::Cpu, Some(mapped)) = (device, mapped) {
+            if let Some(op) = CpuQuantMatMul::from_mapped(content, mapped, name)? {
+                return Ok(Self::Own(Arc::new(op)));
+            }
+        }
+        let weight = content.tensor(reader, name, device)?;
         match (device, CpuQuantMatMul::new(&weight)?) {
             (Device::Cpu, Some(op)) => Ok(Self::Own(Arc::new(op))),
             _ => Ok(Self::Candle(QMatMul::from_qtensor(weight)?)),
@@ -68,25 +83,61 @@ pub struct CpuQuantMatMul {
     kernel: KernelChoice,
 }
 
+/// The format and (rows, cols) of a weight the kernels read: 2-D, Q4_0, Q4_1 or Q8_0.
+fn kernel_shape(dtype: GgmlDType, shape: &Shape) -> Option<(Format, usize, usize)> {
+    let format = match dtype {
+        GgmlDType::Q4_0 => Format::Q4_0,
+        GgmlDType::Q4_1 => Format::Q4_1,
+        GgmlDType::Q8_0 => Format::Q8_0,
+        _ => return None,
+    };
+    let &[rows, cols] = shape.dims() else {
+        return None;
+    };
+    Some((format, rows, cols))
+}
+
 impl CpuQuantMatMul {
     /// The op for a 2-D weight in a format the kernels read (Q4_0, Q4_1, Q8_0); `None`
     /// for other formats and shapes.
     pub fn new(weight: &QTensor) -> Result<Option<Self>> {
-        let format = match weight.dtype() {
-            GgmlDType::Q4_0 => Format::Q4_0,
-            GgmlDType::Q4_1 => Format::Q4_1,
-            GgmlDType::Q8_0 => Format::Q8_0,
-            _ => return Ok(None),
-        };
-        let &[rows, cols] = weight.shape().dims() else {
+        let Some((format, rows, cols)) = kernel_shape(weight.dtype(), weight.shape()) else {
             return Ok(None);
         };
-        let matrix = QuantMatrix::new(format, rows, cols, weight.data()?.into_owned())
+        Self::from_blocks(format, rows, cols, &weight.data()?).map(Some)
+    }
+
+    /// The op for weight `name` of a mapped GGUF file, packed from the mapped bytes, which
+    /// are then released; `None` where the kernels do not read the weight.
+    fn from_mapped(
+        content: &gguf_file::Content,
+        mapped: &MappedFile,
+        name: &str,
+    ) -> Result<Option<Self>> {
+        let Some(info) = content.tensor_infos.get(name) else {
+            candle_core::bail!("cannot find tensor info for {name}");
+        };
+        let Some((format, rows, cols)) = kernel_shape(info.ggml_dtype, &info.shape) else {
+            return Ok(None);
+        };
+        let start = usize::try_from(content.tensor_data_offset + info.offset)
             .map_err(candle_core::Error::wrap)?;
-        Ok(Some(Self {
+        let len = rows * cols / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        let Some(bytes) = mapped.bytes(start, len) else {
+            candle_core::bail!("tensor {name} lies past the end of the file");
+        };
+        let op = Self::from_blocks(format, rows, cols, bytes)?;
+        mapped.release(start, len);
+        Ok(Some(op))
+    }
+
+    fn from_blocks(format: Format, rows: usize, cols: usize, blocks: &[u8]) -> Result<Self> {
+        let matrix = QuantMatrix::new(format, rows, cols, blocks, Pool::global())
+            .map_err(candle_core::Error::wrap)?;
+        Ok(Self {
             matrix,
             kernel: KernelChoice::detect(),
-        }))
+        })
     }
 
     /// (rows, cols): (out, in) of the layer.
@@ -102,6 +153,36 @@ impl CpuQuantMatMul {
             self.matrix.dequantize_row(row, out);
         }
         Tensor::from_vec(values, (rows, cols), device)
+    }
+}
+
+/// A GGUF file mapped read-only into memory, so that weights are packed from the page
+/// cache without first being copied into a buffer of their own.
+pub(crate) struct MappedFile(memmap2::Mmap);
+
+impl MappedFile {
+    /// `None` where the file cannot be mapped (the weights are then read instead).
+    pub(crate) fn new(file: &std::fs::File) -> Option<Self> {
+        // SAFETY: the map is read-only and private; a file changed under it while weights
+        // are packed gives wrong weights, not unsoundness in what is kept (the packed copy).
+        unsafe { memmap2::Mmap::map(file) }.ok().map(Self)
+    }
+
+    fn bytes(&self, start: usize, len: usize) -> Option<&[u8]> {
+        self.0.get(start..start.checked_add(len)?)
+    }
+
+    /// Drops the pages of `start..start + len` from this process's memory once packed,
+    /// so that the file and its packed copy are not resident together; the page cache
+    /// keeps them for the next reader.
+    fn release(&self, start: usize, len: usize) {
+        // SAFETY: the mapping is read-only and file-backed: pages given back are read from
+        // the file again if touched, with the same bytes, so no live reference sees a
+        // change. Failure only leaves the pages resident.
+        let _ = unsafe {
+            self.0
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
+        };
     }
 }
 

@@ -1,5 +1,6 @@
 //! Activations quantized to 8 bits per 32-element block (scale `d = max|x| / 127`), with
-//! each block's scale and `d * sum(q)` kept beside it for the formats with an offset.
+//! each block's scale, the sum of its bytes and `d * sum(q)` kept beside it for the
+//! formats with an offset.
 
 use crate::{Kernel, KernelChoice, BLOCK};
 
@@ -12,6 +13,8 @@ pub struct QuantizedActivations {
     pub(crate) d: Vec<f32>,
     /// Per block: `d * sum(q)`, what an offset in the weights multiplies.
     pub(crate) s: Vec<f32>,
+    /// Per block: `sum(q)`, what a bias in the stored weights adds to their products.
+    pub(crate) sums: Vec<i32>,
     pub(crate) rows: usize,
     pub(crate) cols: usize,
 }
@@ -26,6 +29,7 @@ impl QuantizedActivations {
         self.q.resize(x.len(), 0);
         self.d.resize(blocks, 0.0);
         self.s.resize(blocks, 0.0);
+        self.sums.resize(blocks, 0);
         self.rows = rows;
         self.cols = cols;
         for (b, chunk) in x.chunks_exact(BLOCK).enumerate() {
@@ -33,11 +37,14 @@ impl QuantizedActivations {
             let (d, sum) = match kernel.kernel() {
                 // SAFETY: `KernelChoice` checked the CPU features; both hold 32 values.
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Avx2 => unsafe { crate::x86::quantize_block(chunk, out) },
+                Kernel::Avx2 | Kernel::Avx512Vnni => unsafe {
+                    crate::x86::quantize_block(chunk, out)
+                },
                 _ => quantize_block(chunk, out),
             };
             self.d[b] = d;
             self.s[b] = d * sum as f32;
+            self.sums[b] = sum;
         }
     }
 
@@ -47,15 +54,25 @@ impl QuantizedActivations {
         out
     }
 
-    /// Row `r`: its values, scales and offset terms.
-    pub(crate) fn row(&self, r: usize) -> (&[i8], &[f32], &[f32]) {
+    /// Row `r`: its values, scales, offset terms and sums.
+    pub(crate) fn row(&self, r: usize) -> ActivationRow<'_> {
         let blocks = self.cols / BLOCK;
-        (
-            &self.q[r * self.cols..(r + 1) * self.cols],
-            &self.d[r * blocks..(r + 1) * blocks],
-            &self.s[r * blocks..(r + 1) * blocks],
-        )
+        ActivationRow {
+            q: &self.q[r * self.cols..(r + 1) * self.cols],
+            d: &self.d[r * blocks..(r + 1) * blocks],
+            s: &self.s[r * blocks..(r + 1) * blocks],
+            sums: &self.sums[r * blocks..(r + 1) * blocks],
+        }
     }
+}
+
+/// One row of [`QuantizedActivations`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ActivationRow<'a> {
+    pub q: &'a [i8],
+    pub d: &'a [f32],
+    pub s: &'a [f32],
+    pub sums: &'a [i32],
 }
 
 /// Quantizes 32 values to signed bytes with scale `max|x| / 127`, rounding to nearest
@@ -95,6 +112,7 @@ mod tests {
                 prop_assert_eq!(&got.q, &reference.q);
                 prop_assert_eq!(&got.d, &reference.d);
                 prop_assert_eq!(&got.s, &reference.s);
+                prop_assert_eq!(&got.sums, &reference.sums);
             }
         }
     }

@@ -1,67 +1,107 @@
-//! NEON kernels (aarch64): 16 weights against 16 activation bytes per widening multiply,
-//! pairwise-added to 32-bit, one FMA per block into four lanes. Safety: NEON is part of
-//! every aarch64 CPU; callers check it at run time all the same ([`crate::Kernel::Neon`]).
+//! NEON kernels (aarch64) over the panel layout (`panels`): each weight vector's halves
+//! (four rows each) times four activation bytes in every lane, widened to 16 bits and
+//! pairwise added to 32, four rows per vector of sums, then one FMA per block. Safety:
+//! NEON is part of every aarch64 CPU; callers check it at run time all the same
+//! ([`crate::Kernel::Neon`]).
 
 use std::arch::aarch64::*;
 
 use half::f16;
 
-use crate::{Format, BLOCK};
+use crate::panels::{panel_block_bytes, scale_bytes, PANEL_ROWS};
+use crate::scalar::integer_offset;
+use crate::{Format, QuantizedActivations, BLOCK};
 
-fn half_at(block: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([block[at], block[at + 1]]).to_f32()
-}
-
-/// Four 32-bit lanes of `sum(w * x)` over 2 x 16 signed bytes.
+/// Sums of `w * x` over the block, for rows 0..4 and 4..8 of the panel: `w[j]` holds
+/// weights `4j..4j + 4` of rows `4h..4h + 4` in half `h`, as signed bytes.
 #[target_feature(enable = "neon")]
-unsafe fn block_dot(w: [int8x16_t; 2], x: [int8x16_t; 2]) -> int32x4_t {
-    let mut sum = vdupq_n_s32(0);
-    for half in 0..2 {
-        let low = vmull_s8(vget_low_s8(w[half]), vget_low_s8(x[half]));
-        let high = vmull_high_s8(w[half], x[half]);
-        sum = vaddq_s32(sum, vaddq_s32(vpaddlq_s16(low), vpaddlq_s16(high)));
-    }
-    sum
+unsafe fn block_dots(w: &[[int8x16_t; 2]; 8], x: *const i8) -> [int32x4_t; 2] {
+    std::array::from_fn(|h| {
+        // Rows 4h, 4h + 1 in `low`, rows 4h + 2, 4h + 3 in `high`, as pairs.
+        let (mut low, mut high) = (vdupq_n_s32(0), vdupq_n_s32(0));
+        for (j, w) in w.iter().enumerate() {
+            let x =
+                vreinterpretq_s8_s32(vdupq_n_s32((x.add(4 * j) as *const i32).read_unaligned()));
+            low = vpadalq_s16(low, vmull_s8(vget_low_s8(w[h]), vget_low_s8(x)));
+            high = vpadalq_s16(high, vmull_high_s8(w[h], x));
+        }
+        vpaddq_s32(low, high)
+    })
 }
 
-/// One weight row times one quantized activation row (see `scalar::dot`).
+/// Eight f16 values at `p` as two vectors of four.
+fn halves(p: &[u8]) -> [float32x4_t; 2] {
+    let values: [f32; PANEL_ROWS] =
+        std::array::from_fn(|r| f16::from_le_bytes([p[2 * r], p[2 * r + 1]]).to_f32());
+    // SAFETY: `values` holds eight floats.
+    unsafe {
+        [
+            vld1q_f32(values.as_ptr()),
+            vld1q_f32(values.as_ptr().add(4)),
+        ]
+    }
+}
+
+/// Panel `panel` (whole panel blocks of `format`, as many as `x` has per row) times
+/// activation rows `first..first + R` of `x`: eight values per activation row.
 ///
 /// # Safety
-/// The CPU must have NEON; `w` holds whole blocks of `format` and `q`, `d`, `s` the
-/// matching activation blocks.
+/// The CPU must have NEON; `panel` holds `x.cols / 32` panel blocks and `x` at least
+/// `first + R` rows.
 #[target_feature(enable = "neon")]
-pub unsafe fn dot(format: Format, w: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
-    let size = format.block_bytes();
-    let mut acc = vdupq_n_f32(0.0);
-    let mut offsets = 0f32;
-    for (b, block) in w.chunks_exact(size).enumerate() {
-        let x = q.as_ptr().add(b * BLOCK);
-        let x = [vld1q_s8(x), vld1q_s8(x.add(BLOCK / 2))];
-        let dw = half_at(block, 0);
-        let weights = match format {
-            Format::Q4_0 | Format::Q4_1 => {
-                let nibbles = match format {
-                    Format::Q4_0 => {
-                        offsets -= 8.0 * dw * s[b];
-                        vld1q_u8(block.as_ptr().add(2))
-                    }
-                    _ => {
-                        offsets += half_at(block, 2) * s[b];
-                        vld1q_u8(block.as_ptr().add(4))
-                    }
-                };
-                [
-                    vreinterpretq_s8_u8(vandq_u8(nibbles, vdupq_n_u8(0x0F))),
-                    vreinterpretq_s8_u8(vshrq_n_u8::<4>(nibbles)),
-                ]
-            }
+pub unsafe fn panel_product<const R: usize>(
+    format: Format,
+    panel: &[u8],
+    x: &QuantizedActivations,
+    first: usize,
+) -> [[f32; PANEL_ROWS]; R] {
+    let rows: [_; R] = std::array::from_fn(|r| x.row(first + r));
+    let mut acc = [[vdupq_n_f32(0.0); 2]; R];
+    for (b, block) in panel.chunks_exact(panel_block_bytes(format)).enumerate() {
+        let dw = halves(block);
+        let minimums = (format == Format::Q4_1).then(|| halves(&block[16..]));
+        let p = block.as_ptr().add(scale_bytes(format));
+        let mut w = [[vdupq_n_s8(0); 2]; 8];
+        match format {
             Format::Q8_0 => {
-                let p = block.as_ptr().add(2) as *const i8;
-                [vld1q_s8(p), vld1q_s8(p.add(BLOCK / 2))]
+                let bias = vdupq_n_u8(crate::panels::Q8_0_BIAS);
+                for (j, w) in w.iter_mut().enumerate() {
+                    for (h, w) in w.iter_mut().enumerate() {
+                        *w = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p.add(32 * j + 16 * h)), bias));
+                    }
+                }
             }
+            Format::Q4_0 | Format::Q4_1 => {
+                for v in 0..4 {
+                    for h in 0..2 {
+                        let raw = vld1q_u8(p.add(32 * v + 16 * h));
+                        w[2 * v][h] = vreinterpretq_s8_u8(vandq_u8(raw, vdupq_n_u8(0x0F)));
+                        w[2 * v + 1][h] = vreinterpretq_s8_u8(vshrq_n_u8::<4>(raw));
+                    }
+                }
+            }
+        }
+        // Q8_0's bytes were made signed above, so only Q4_0's offset is left to take.
+        let offset = match format {
+            Format::Q8_0 => 0,
+            _ => integer_offset(format),
         };
-        let lanes = vcvtq_f32_s32(block_dot(weights, x));
-        acc = vfmaq_f32(acc, lanes, vdupq_n_f32(dw * d[b]));
+        for (acc, row) in acc.iter_mut().zip(&rows) {
+            let dots = block_dots(&w, row.q.as_ptr().add(b * BLOCK));
+            let correction = vdupq_n_s32(offset * row.sums[b]);
+            for h in 0..2 {
+                let dots = vcvtq_f32_s32(vsubq_s32(dots[h], correction));
+                acc[h] = vfmaq_f32(acc[h], dots, vmulq_n_f32(dw[h], row.d[b]));
+                if let Some(minimums) = minimums {
+                    acc[h] = vfmaq_n_f32(acc[h], minimums[h], row.s[b]);
+                }
+            }
+        }
     }
-    vaddvq_f32(acc) + offsets
+    acc.map(|[low, high]| {
+        let mut out = [0f32; PANEL_ROWS];
+        vst1q_f32(out.as_mut_ptr(), low);
+        vst1q_f32(out.as_mut_ptr().add(4), high);
+        out
+    })
 }

@@ -1,9 +1,11 @@
 //! Quantized CPU kernels for the GGUF formats nanofleet ships (Q4_0, Q4_1, Q8_0), written
 //! from the formats: weights stay in their GGUF blocks, activations are quantized on the
 //! fly to 8 bits per 32-element block, and each block's integer dot product runs in SIMD
-//! where the CPU has it (AVX2 with FMA and F16C on x86-64, NEON on aarch64), chosen once at
-//! run time, with a scalar path that every SIMD path is tested against. Pure computation:
-//! no I/O.
+//! where the CPU has it (AVX2 with FMA and F16C on x86-64, with AVX-512 VNNI's byte dot
+//! products where present; NEON on aarch64), chosen once at run time, with a scalar path
+//! that every SIMD path is tested against. The weights are packed at load into panels of
+//! eight rows (`panels`), so that each SIMD step works on eight rows at once. Pure
+//! computation: no I/O.
 //!
 //! Block layouts (32 weights each, little-endian):
 //! - Q4_0: `d: f16`, 16 bytes of nibbles; weight `j` is the low nibble of byte `j` for
@@ -16,11 +18,13 @@ mod activations;
 mod arm;
 mod kernels;
 mod matrix;
+mod panels;
 mod pool;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+use activations::ActivationRow;
 pub use activations::QuantizedActivations;
 pub use kernels::{Kernel, KernelChoice};
 pub use matrix::{QuantError, QuantMatrix};

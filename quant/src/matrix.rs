@@ -1,7 +1,8 @@
-//! A quantized weight matrix (rows of GGUF blocks, as stored in the file) and its product
-//! with quantized activations, split by weight rows over threads when the work is large
+//! A quantized weight matrix (GGUF blocks packed into panels of eight rows) and its product
+//! with quantized activations, split by panels over threads when the work is large
 //! enough to pay for them.
 
+use crate::panels::{self, panel_block_bytes, PANEL_ROWS};
 use crate::{Format, KernelChoice, Pool, QuantizedActivations, BLOCK};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -22,23 +23,30 @@ pub enum QuantError {
 /// alone, since handing it to the pool would cost about as much as doing it.
 const BLOCKS_PER_BAND: usize = 1024;
 
-/// `rows` output features by `cols` input features, row-major, in GGUF blocks.
+/// Activation rows per panel product in prefill: each weight block is unpacked once for
+/// all of them.
+const ROWS_PER_TILE: usize = 4;
+
+/// `rows` output features by `cols` input features, packed in panels (`panels`).
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
     format: Format,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    packed: Vec<u8>,
 }
 
 impl QuantMatrix {
+    /// The matrix of `rows` rows of GGUF blocks in `data` (as the file stores them),
+    /// packed into panels on `pool`.
     pub fn new(
         format: Format,
         rows: usize,
         cols: usize,
-        data: Vec<u8>,
+        data: &[u8],
+        pool: &Pool,
     ) -> Result<Self, QuantError> {
-        if cols % BLOCK != 0 {
+        if !cols.is_multiple_of(BLOCK) {
             return Err(QuantError::PartialBlock { cols });
         }
         let expected = rows * cols / BLOCK * format.block_bytes();
@@ -55,7 +63,7 @@ impl QuantMatrix {
             format,
             rows,
             cols,
-            data,
+            packed: panels::pack(format, rows, cols, data, pool),
         })
     }
 
@@ -67,18 +75,23 @@ impl QuantMatrix {
         self.cols
     }
 
-    fn row_bytes(&self) -> usize {
-        self.cols / BLOCK * self.format.block_bytes()
+    fn panel_bytes(&self) -> usize {
+        self.cols / BLOCK * panel_block_bytes(self.format)
+    }
+
+    fn panels(&self) -> usize {
+        self.rows.div_ceil(PANEL_ROWS)
     }
 
     /// The f32 values of weight row `row` (an embedding lookup).
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
-        let bytes = self.row_bytes();
-        crate::scalar::dequantize(self.format, &self.data[row * bytes..(row + 1) * bytes], out);
+        assert!(row < self.rows, "row {row} of {}", self.rows);
+        let gguf = panels::unpack_row(self.format, &self.packed, self.cols / BLOCK, row);
+        crate::scalar::dequantize(self.format, &gguf, out);
     }
 
     /// `out[m * rows + n] = x[m] . w[n]` for every activation row `m` and weight row `n`,
-    /// in bands of weight rows spread over `pool`.
+    /// in bands of panels spread over `pool`.
     pub fn matmul(
         &self,
         kernel: KernelChoice,
@@ -95,80 +108,63 @@ impl QuantMatrix {
             x.rows * self.rows,
             "output is activation rows x weight rows"
         );
+        let panels = self.panels();
         let work = x.rows * self.rows * (self.cols / BLOCK);
         if work < BLOCKS_PER_BAND || pool.threads() == 1 {
-            self.rows_into(kernel, x, 0..self.rows, out.as_mut_ptr(), self.rows);
+            self.panels_into(kernel, x, 0..panels, out.as_mut_ptr());
             return;
         }
         // A few bands per thread, so that a thread that starts late still finds work.
         let bands = (work / BLOCKS_PER_BAND)
             .clamp(1, pool.threads() * 4)
-            .min(self.rows);
-        let per_band = self.rows.div_ceil(bands);
+            .min(panels);
+        let per_band = panels.div_ceil(bands);
         let out = OutPtr(out.as_mut_ptr());
         pool.run(bands, &|band| {
-            let start = (band * per_band).min(self.rows);
-            let end = ((band + 1) * per_band).min(self.rows);
+            let start = (band * per_band).min(panels);
+            let end = ((band + 1) * per_band).min(panels);
             let out = &out;
-            self.rows_into(kernel, x, start..end, out.0, self.rows);
+            self.panels_into(kernel, x, start..end, out.0);
         });
     }
 
-    /// Weight row `n`'s blocks.
-    pub fn row(&self, n: usize) -> &[u8] {
-        let bytes = self.row_bytes();
-        &self.data[n * bytes..(n + 1) * bytes]
-    }
-
-    /// Weight rows `rows` against every activation row, into `out[m * stride + n]`.
-    fn rows_into(
+    /// Panels `panels` against every activation row, into `out[m * self.rows + n]`.
+    fn panels_into(
         &self,
         kernel: KernelChoice,
         x: &QuantizedActivations,
-        rows: std::ops::Range<usize>,
+        panels: std::ops::Range<usize>,
         out: *mut f32,
-        stride: usize,
     ) {
-        assert!(rows.end <= self.rows && stride >= self.rows);
-        if x.rows == 1 {
-            // Generation: one activation row, so the band's outputs are contiguous.
-            let bytes = self.row_bytes();
-            // SAFETY: as below, for `m == 0`: `out[rows]` lies within the output.
-            let out = unsafe { std::slice::from_raw_parts_mut(out.add(rows.start), rows.len()) };
-            let w = &self.data[rows.start * bytes..rows.end * bytes];
-            kernel.dot_band(self.format, w, x, 0, out);
-            return;
-        }
-        // SAFETY (of the writes): `n < self.rows <= stride` and `m < x.rows`, and `matmul`
-        // checked that `out` holds `x.rows * self.rows` values with `stride == self.rows`;
-        // bands are disjoint ranges of `n`, so no two tasks write one value.
-        let four_rows = x.rows / 4 * 4;
-        let mut n = rows.start;
-        while n < rows.end {
-            // Tiles of two weight rows by four activation rows; the odd row alone.
-            let tile = if n + 2 <= rows.end { 2 } else { 1 };
-            for m in (0..four_rows).step_by(4) {
-                let (pair, single);
-                let values: &[[f32; 4]] = if tile == 2 {
-                    pair = kernel.dot_tile(self.format, [self.row(n), self.row(n + 1)], x, m);
-                    &pair
-                } else {
-                    single = kernel.dot_tile(self.format, [self.row(n)], x, m);
-                    &single
+        assert!(panels.end <= self.panels());
+        let tiled = x.rows / ROWS_PER_TILE * ROWS_PER_TILE;
+        for p in panels {
+            let panel = &self.packed[p * self.panel_bytes()..(p + 1) * self.panel_bytes()];
+            // The last panel may be padded past the matrix's rows.
+            let first_row = p * PANEL_ROWS;
+            let valid = PANEL_ROWS.min(self.rows - first_row);
+            let write = |m: usize, values: &[f32; PANEL_ROWS]| {
+                // SAFETY: `first_row + valid <= self.rows` and `m < x.rows`, and `matmul`
+                // checked that `out` holds `x.rows * self.rows` values; bands are disjoint
+                // ranges of panels, so no two tasks write one value.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        values.as_ptr(),
+                        out.add(m * self.rows + first_row),
+                        valid,
+                    )
                 };
-                for (i, four) in values.iter().enumerate() {
-                    for (r, value) in four.iter().enumerate() {
-                        unsafe { *out.add((m + r) * stride + n + i) = *value };
-                    }
+            };
+            for m in (0..tiled).step_by(ROWS_PER_TILE) {
+                let values = kernel.panel_product::<ROWS_PER_TILE>(self.format, panel, x, m);
+                for (r, values) in values.iter().enumerate() {
+                    write(m + r, values);
                 }
             }
-            for i in 0..tile {
-                for m in four_rows..x.rows {
-                    let value = kernel.dot(self.format, self.row(n + i), x, m);
-                    unsafe { *out.add(m * stride + n + i) = value };
-                }
+            for m in tiled..x.rows {
+                let [values] = kernel.panel_product::<1>(self.format, panel, x, m);
+                write(m, &values);
             }
-            n += tile;
         }
     }
 }
@@ -176,6 +172,6 @@ impl QuantMatrix {
 /// The output, shared by the bands of one product (each writes its own columns).
 struct OutPtr(*mut f32);
 
-// SAFETY: see `rows_into`: bands write disjoint elements, and `Pool::run` returns only
+// SAFETY: see `panels_into`: bands write disjoint elements, and `Pool::run` returns only
 // when every band has finished.
 unsafe impl Sync for OutPtr {}

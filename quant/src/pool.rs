@@ -155,7 +155,7 @@ fn work(shared: &Shared) {
         while shared.generation.load(Ordering::Acquire) == seen
             && !shared.stop.load(Ordering::Acquire)
             // Reading the clock costs more than a spin; read it now and then.
-            && (spins % 256 != 0 || Instant::now() < spin_until)
+            && (!spins.is_multiple_of(256) || Instant::now() < spin_until)
         {
             spins = spins.wrapping_add(1);
             std::hint::spin_loop();

@@ -1,14 +1,16 @@
-//! The scalar kernels: the reference every SIMD path is tested against, and the path for
-//! CPUs without one.
+//! The scalar kernels: the reference every kernel is tested against (on GGUF rows), and
+//! the panel product for CPUs without SIMD.
 
 use half::f16;
 
-use crate::{Format, BLOCK};
+use crate::panels::{panel_block_bytes, scale_bytes, weight_at, PANEL_ROWS};
+use crate::{ActivationRow, Format, BLOCK};
 
 fn half_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
 
+#[cfg(test)]
 /// The integer dot product of one block of 4-bit weights (16 bytes of nibbles) with 32
 /// activation values.
 fn nibble_dot(nibbles: &[u8], q: &[i8]) -> i32 {
@@ -20,7 +22,9 @@ fn nibble_dot(nibbles: &[u8], q: &[i8]) -> i32 {
     sum
 }
 
-/// One weight row (whole blocks of `format`) times one quantized activation row.
+/// One weight row (whole blocks of `format`, as GGUF stores them) times one quantized
+/// activation row: the reference the panel products are tested against.
+#[cfg(test)]
 pub fn dot(format: Format, w: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
     let size = format.block_bytes();
     let mut total = 0f32;
@@ -71,4 +75,43 @@ pub fn dequantize(format: Format, w: &[u8], out: &mut [f32]) {
             }
         }
     }
+}
+
+/// What the products subtract from a block's integer dot product: the weights' offset
+/// for Q4_0 (`q - 8`) and the bias of Q8_0's stored bytes, each times the sum of the
+/// activation bytes. Q4_1's offset is a float (`m`), added apart.
+pub(crate) const fn integer_offset(format: Format) -> i32 {
+    match format {
+        Format::Q4_0 => 8,
+        Format::Q4_1 => 0,
+        Format::Q8_0 => crate::panels::Q8_0_BIAS as i32,
+    }
+}
+
+/// A panel (whole panel blocks of `format`) times one activation row: the values of the
+/// panel's eight rows, from the same integer sums as the SIMD kernels.
+pub(crate) fn panel_product(format: Format, panel: &[u8], x: ActivationRow) -> [f32; PANEL_ROWS] {
+    let mut out = [0f32; PANEL_ROWS];
+    for (b, block) in panel.chunks_exact(panel_block_bytes(format)).enumerate() {
+        let weights = &block[scale_bytes(format)..];
+        let q = &x.q[b * BLOCK..(b + 1) * BLOCK];
+        for (r, out) in out.iter_mut().enumerate() {
+            let mut dot = 0i32;
+            for (i, q) in q.iter().enumerate() {
+                let (at, high) = weight_at(format, r, i);
+                let w = match (format, high) {
+                    (Format::Q8_0, _) => weights[at],
+                    (_, true) => weights[at] >> 4,
+                    (_, false) => weights[at] & 0x0F,
+                };
+                dot += i32::from(w) * i32::from(*q);
+            }
+            dot -= integer_offset(format) * x.sums[b];
+            *out += dot as f32 * (half_at(block, 2 * r) * x.d[b]);
+            if format == Format::Q4_1 {
+                *out += half_at(block, 16 + 2 * r) * x.s[b];
+            }
+        }
+    }
+    out
 }

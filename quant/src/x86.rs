@@ -1,40 +1,15 @@
-//! AVX2 kernels (with FMA and F16C): 32 weights against 32 activation bytes per step,
-//! `maddubs` pairs to 16-bit, `madd` to 32-bit, one FMA per block into eight lanes.
-//! Safety: callers check the features at run time ([`crate::Kernel::Avx2`]).
+//! x86-64 kernels over the panel layout (`panels`): a block's eight weight vectors, each
+//! four weights of every row of the panel, against four activation bytes broadcast to
+//! every lane, into eight 32-bit lanes (one per row), then one FMA per block. Two forms:
+//! AVX2 (`maddubs` pairs to 16 bits, `madd` to 32) and AVX-512 VNNI (`dpbusd`, bytes
+//! straight to 32 bits, on 256-bit vectors).
+//! Safety: callers check the features at run time ([`crate::Kernel`]).
 
 use std::arch::x86_64::*;
 
-use crate::{Format, BLOCK};
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn half_at(p: *const u8) -> f32 {
-    let bits = i32::from(u16::from_le_bytes([*p, *p.add(1)]));
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn horizontal_sum(v: __m256) -> f32 {
-    let quad = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-    let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-    _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)))
-}
-
-/// 16 bytes of nibbles as 32 unsigned bytes in weight order (low nibbles first).
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
-    let raw = _mm_loadu_si128(p as *const __m128i);
-    let mask = _mm_set1_epi8(0x0F);
-    let low = _mm_and_si128(raw, mask);
-    let high = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-    _mm256_set_m128i(high, low)
-}
-
-/// Eight 32-bit lanes of `sum(w * x)` for 32 unsigned weights and 32 signed activations.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn unsigned_dot(w: __m256i, x: __m256i) -> __m256 {
-    let pairs = _mm256_maddubs_epi16(w, x);
-    _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-}
+use crate::panels::{panel_block_bytes, scale_bytes, PANEL_ROWS};
+use crate::scalar::integer_offset;
+use crate::{Format, QuantizedActivations, BLOCK};
 
 /// Runs `$kernel::<FORMAT, ..>($args)` for the `FORMAT` (0 = Q4_0, 1 = Q4_1, 2 = Q8_0)
 /// of `$format`: one loop per format, so that nothing in the loops branches on it.
@@ -48,152 +23,163 @@ macro_rules! by_format {
     };
 }
 
-/// One weight row times one quantized activation row (see `scalar::dot`).
-///
-/// # Safety
-/// The CPU must have AVX2, FMA and F16C; `w` holds whole blocks of `format` and `q`,
-/// `d`, `s` the matching activation blocks.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot(format: Format, w: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
-    let blocks = w.len() / format.block_bytes();
-    debug_assert!(q.len() >= blocks * BLOCK && d.len() >= blocks && s.len() >= blocks);
-    by_format!(format, row(w, q, d, s, blocks))
-}
-
-/// Consecutive weight rows of `row_bytes` each times one activation row, one value per
-/// row into `out`.
-///
-/// # Safety
-/// As [`dot`]; `w` holds `out.len()` rows of `row_bytes`, each as long as `q`.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_band(
-    format: Format,
-    w: &[u8],
-    row_bytes: usize,
-    q: &[i8],
-    d: &[f32],
-    s: &[f32],
-    out: &mut [f32],
-) {
-    for (row, out) in w.chunks_exact(row_bytes).zip(out) {
-        *out = dot(format, row, q, d, s);
-    }
-}
-
-/// `N` weight rows times `R` quantized activation rows at once: each weight block is
-/// loaded and unpacked once for all `R` rows, and each activation block once for all `N`
-/// (prefill multiplies many rows by each weight).
-///
-/// # Safety
-/// As [`dot`], for each of the `N` weight rows and `R` activation rows.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_tile<const N: usize, const R: usize>(
-    format: Format,
-    w: [&[u8]; N],
-    q: [&[i8]; R],
-    d: [&[f32]; R],
-    s: [&[f32]; R],
-) -> [[f32; R]; N] {
-    let blocks = w[0].len() / format.block_bytes();
-    debug_assert!(w.iter().all(|w| w.len() == blocks * format.block_bytes()));
-    debug_assert!((0..R)
-        .all(|r| q[r].len() >= blocks * BLOCK && d[r].len() >= blocks && s[r].len() >= blocks));
-    by_format!(format, tile < N, R > (w, q, d, s, blocks))
-}
-
-const fn block_bytes<const FORMAT: u8>() -> usize {
+const fn format<const FORMAT: u8>() -> Format {
     match FORMAT {
-        0 => Format::Q4_0.block_bytes(),
-        1 => Format::Q4_1.block_bytes(),
-        _ => Format::Q8_0.block_bytes(),
+        0 => Format::Q4_0,
+        1 => Format::Q4_1,
+        _ => Format::Q8_0,
     }
 }
 
-/// A weight block as the products use it: its scale, its weights as bytes (the nibbles
-/// unpacked to 0..15, or Q8_0's signed bytes) and the weight of its offset term (`-8 d`
-/// for Q4_0, `m` for Q4_1).
+/// A panel block's eight weight vectors, as unsigned bytes: vector `j` holds weights
+/// `4j..4j+4` of every row (row `r` in bytes `4r..4r+4`); Q4's nibbles (0..15) or Q8_0's
+/// biased bytes.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn load_block<const FORMAT: u8>(block: *const u8) -> (f32, __m256i, f32) {
-    let dw = half_at(block);
-    match FORMAT {
-        0 => (dw, unpack_nibbles(block.add(2)), -8.0 * dw),
-        1 => (dw, unpack_nibbles(block.add(4)), half_at(block.add(2))),
-        _ => (dw, _mm256_loadu_si256(block.add(2) as *const __m256i), 0.0),
-    }
-}
-
-/// Eight lanes of `sum(w * x)` for a block's weights (from [`load_block`]) and 32
-/// activation bytes.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn block_product<const FORMAT: u8>(weights: __m256i, x: __m256i) -> __m256 {
-    match FORMAT {
-        // |w| times x with w's sign: maddubs wants its first operand unsigned.
-        2 => unsigned_dot(
-            _mm256_sign_epi8(weights, weights),
-            _mm256_sign_epi8(x, weights),
-        ),
-        _ => unsigned_dot(weights, x),
-    }
-}
-
-/// One row: the generation path, kept apart from [`tile`] because a 1 x 1 tile's
-/// arrays cost it about an eighth of its speed.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn row<const FORMAT: u8>(w: &[u8], q: &[i8], d: &[f32], s: &[f32], blocks: usize) -> f32 {
-    let (w, q) = (w.as_ptr(), q.as_ptr());
-    // Two accumulators, alternating blocks, so that one block's FMA does not wait on the
-    // one before.
-    let mut acc = [_mm256_setzero_ps(); 2];
-    let mut offsets = [0f32; 2];
-    for b in 0..blocks {
-        let lane = b % 2;
-        let (dw, weights, offset_weight) = load_block::<FORMAT>(w.add(b * block_bytes::<FORMAT>()));
-        let x = _mm256_loadu_si256(q.add(b * BLOCK) as *const __m256i);
-        let product = block_product::<FORMAT>(weights, x);
-        acc[lane] = _mm256_fmadd_ps(product, _mm256_set1_ps(dw * *d.get_unchecked(b)), acc[lane]);
-        offsets[lane] += offset_weight * *s.get_unchecked(b);
-    }
-    horizontal_sum(_mm256_add_ps(acc[0], acc[1])) + offsets[0] + offsets[1]
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn tile<const FORMAT: u8, const N: usize, const R: usize>(
-    w: [&[u8]; N],
-    q: [&[i8]; R],
-    d: [&[f32]; R],
-    s: [&[f32]; R],
-    blocks: usize,
-) -> [[f32; R]; N] {
-    let mut acc = [[_mm256_setzero_ps(); R]; N];
-    let mut offsets = [[0f32; R]; N];
-    for b in 0..blocks {
-        let mut loaded = [(0f32, _mm256_setzero_si256(), 0f32); N];
-        for n in 0..N {
-            loaded[n] = load_block::<FORMAT>(w[n].as_ptr().add(b * block_bytes::<FORMAT>()));
+unsafe fn load_weights<const FORMAT: u8>(p: *const u8) -> [__m256i; 8] {
+    let mut w = [_mm256_setzero_si256(); 8];
+    if FORMAT == 2 {
+        for (j, w) in w.iter_mut().enumerate() {
+            *w = _mm256_loadu_si256(p.add(32 * j) as *const __m256i);
         }
-        for r in 0..R {
-            let x = _mm256_loadu_si256(q[r].as_ptr().add(b * BLOCK) as *const __m256i);
-            let (dx, sx) = (*d[r].get_unchecked(b), *s[r].get_unchecked(b));
-            for n in 0..N {
-                let (dw, weights, offset_weight) = loaded[n];
-                let product = block_product::<FORMAT>(weights, x);
-                acc[n][r] = _mm256_fmadd_ps(product, _mm256_set1_ps(dw * dx), acc[n][r]);
-                offsets[n][r] += offset_weight * sx;
+    } else {
+        let mask = _mm256_set1_epi8(0x0F);
+        for v in 0..4 {
+            let raw = _mm256_loadu_si256(p.add(32 * v) as *const __m256i);
+            w[2 * v] = _mm256_and_si256(raw, mask);
+            w[2 * v + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
+        }
+    }
+    w
+}
+
+/// Activation bytes `4j..4j + 4` of the block at `x`, in every 32-bit lane.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn broadcast(x: *const i8, j: usize) -> __m256i {
+    _mm256_set1_epi32((x.add(4 * j) as *const i32).read_unaligned())
+}
+
+/// Per row, the block's integer dot product less [`integer_offset`] times `sum` (the sum
+/// of the activation bytes): `maddubs` of unsigned weights and signed activations.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn block_dots_avx2<const FORMAT: u8>(w: &[__m256i; 8], x: *const i8, sum: i32) -> __m256i {
+    let ones = _mm256_set1_epi16(1);
+    if FORMAT == 2 {
+        // Biased bytes times activations would overflow `maddubs`' 16-bit pairs: take the
+        // signed weights back and move their signs onto the activations instead.
+        let bias = _mm256_set1_epi8(-128);
+        let mut dots = _mm256_setzero_si256();
+        for (j, w) in w.iter().enumerate() {
+            let signed = _mm256_xor_si256(*w, bias);
+            let pairs = _mm256_maddubs_epi16(
+                _mm256_sign_epi8(signed, signed),
+                _mm256_sign_epi8(broadcast(x, j), signed),
+            );
+            dots = _mm256_add_epi32(dots, _mm256_madd_epi16(pairs, ones));
+        }
+        dots
+    } else {
+        // Nibbles times bytes: eight pairs of at most 2 * 15 * 127 fit 16 bits summed.
+        let mut pairs = _mm256_setzero_si256();
+        for (j, w) in w.iter().enumerate() {
+            pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(*w, broadcast(x, j)));
+        }
+        let dots = _mm256_madd_epi16(pairs, ones);
+        _mm256_sub_epi32(
+            dots,
+            _mm256_set1_epi32(integer_offset(format::<FORMAT>()) * sum),
+        )
+    }
+}
+
+/// As [`block_dots_avx2`], with `dpbusd`: bytes to 32-bit sums in one step, two chains.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+#[inline]
+unsafe fn block_dots_vnni<const FORMAT: u8>(w: &[__m256i; 8], x: *const i8, sum: i32) -> __m256i {
+    let mut even = _mm256_setzero_si256();
+    let mut odd = _mm256_setzero_si256();
+    for j in (0..8).step_by(2) {
+        even = _mm256_dpbusd_epi32(even, w[j], broadcast(x, j));
+        odd = _mm256_dpbusd_epi32(odd, w[j + 1], broadcast(x, j + 1));
+    }
+    let dots = _mm256_add_epi32(even, odd);
+    _mm256_sub_epi32(
+        dots,
+        _mm256_set1_epi32(integer_offset(format::<FORMAT>()) * sum),
+    )
+}
+
+/// Stamps out a panel product for one feature set and its block dot products: panel
+/// `panel` times activation rows `first..first + R`, eight values (the panel's rows) per
+/// activation row.
+macro_rules! panel_product {
+    ($name:ident, $body:ident, $features:literal, $block_dots:ident) => {
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn $body<const FORMAT: u8, const R: usize>(
+            panel: &[u8],
+            x: &QuantizedActivations,
+            first: usize,
+        ) -> [[f32; PANEL_ROWS]; R] {
+            let size = panel_block_bytes(format::<FORMAT>());
+            let blocks = x.cols / BLOCK;
+            let rows: [_; R] = std::array::from_fn(|r| x.row(first + r));
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..blocks {
+                let block = panel.as_ptr().add(b * size);
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(block as *const __m128i));
+                let minimums = _mm256_cvtph_ps(_mm_loadu_si128(block.add(16) as *const __m128i));
+                let w = load_weights::<FORMAT>(block.add(scale_bytes(format::<FORMAT>())));
+                for (acc, row) in acc.iter_mut().zip(&rows) {
+                    let x = row.q.as_ptr().add(b * BLOCK);
+                    let dots = $block_dots::<FORMAT>(&w, x, *row.sums.get_unchecked(b));
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*row.d.get_unchecked(b)));
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, *acc);
+                    if FORMAT == 1 {
+                        let s = _mm256_set1_ps(*row.s.get_unchecked(b));
+                        *acc = _mm256_fmadd_ps(minimums, s, *acc);
+                    }
+                }
             }
+            acc.map(|acc| {
+                let mut out = [0f32; PANEL_ROWS];
+                _mm256_storeu_ps(out.as_mut_ptr(), acc);
+                out
+            })
         }
-    }
-    let mut out = [[0f32; R]; N];
-    for n in 0..N {
-        for r in 0..R {
-            out[n][r] = horizontal_sum(acc[n][r]) + offsets[n][r];
+
+        /// Panel `panel` (whole panel blocks of `format`, as many as `x` has per row)
+        /// times activation rows `first..first + R` of `x`.
+        ///
+        /// # Safety
+        /// The CPU must have the features named above; `panel` holds `x.cols / 32` panel
+        /// blocks and `x` at least `first + R` rows.
+        #[target_feature(enable = $features)]
+        pub unsafe fn $name<const R: usize>(
+            format: Format,
+            panel: &[u8],
+            x: &QuantizedActivations,
+            first: usize,
+        ) -> [[f32; PANEL_ROWS]; R] {
+            by_format!(format, $body<R>(panel, x, first))
         }
-    }
-    out
+    };
 }
+
+panel_product!(
+    panel_product_avx2,
+    panel_avx2,
+    "avx2,fma,f16c",
+    block_dots_avx2
+);
+panel_product!(
+    panel_product_vnni,
+    panel_vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    block_dots_vnni
+);
 
 /// Quantizes 32 values to signed bytes with scale `max|x| / 127` (rounding to nearest,
 /// ties to even); returns the scale and the sum of the bytes.

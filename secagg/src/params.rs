@@ -128,7 +128,7 @@ fn validate(c: &Config) -> Result<(), String> {
             c.group_size, c.num_clients
         ));
     }
-    if c.group_size < c.num_clients && c.group_size % 2 == 0 {
+    if c.group_size < c.num_clients && c.group_size.is_multiple_of(2) {
         return Err(format!(
             "group_size is {} (even) and below num_clients; use an odd size such as {} so that the neighbour ring is symmetric",
             c.group_size,

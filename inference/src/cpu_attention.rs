@@ -58,21 +58,44 @@ fn rotate(x: &mut [f32], heads: usize, head_dim: usize, rotary: &Rotary, positio
 }
 
 /// `sum(a * b)` in eight lanes, so that it vectorizes.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(a, b)| a * b)
-        .sum();
+    let mut tail = 0f32;
+    for (a, b) in a_chunks.remainder().iter().zip(b_chunks.remainder()) {
+        tail += a * b;
+    }
     for (a, b) in a_chunks.zip(b_chunks) {
         for i in 0..8 {
             lanes[i] += a[i] * b[i];
         }
     }
-    lanes.iter().sum::<f32>() + tail
+    let mut sum = tail;
+    for lane in lanes {
+        sum += lane;
+    }
+    sum
+}
+
+/// `sum(a)` in eight lanes, so that it vectorizes.
+#[inline(always)]
+fn sum(a: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = a.chunks_exact(8);
+    let mut total = 0f32;
+    for a in chunks.remainder() {
+        total += a;
+    }
+    for a in chunks {
+        for i in 0..8 {
+            lanes[i] += a[i];
+        }
+    }
+    for lane in lanes {
+        total += lane;
+    }
+    total
 }
 
 /// `e^x` for `x <= 0` to about 2e-7 relative: `2^n e^r` with `|r| <= ln 2 / 2` and a
@@ -91,7 +114,9 @@ fn exp_nonpositive(x: f32) -> f32 {
 }
 
 /// Query row `q` (one head) against keys and values `0..=last` of kv head `kv`: the
-/// softmax-weighted sum of the values into `out`; `scores` is scratch.
+/// softmax-weighted sum of the values into `out`; `scores` is scratch. Compiled twice:
+/// for the baseline CPU and, where the CPU has them, for AVX2 and FMA (the agent ships
+/// one binary for every x86-64 CPU, so the wider vectors are chosen at run time).
 #[allow(clippy::too_many_arguments)]
 fn attend_one(
     q: &[f32],
@@ -103,18 +128,58 @@ fn attend_one(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features just checked.
+        return unsafe { attend_one_avx2(q, cache, row, kv, last, scale, scores, out) };
+    }
+    attend_one_body(q, cache, row, kv, last, scale, scores, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_one_avx2(
+    q: &[f32],
+    cache: &KvCache,
+    row: usize,
+    kv: usize,
+    last: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    attend_one_body(q, cache, row, kv, last, scale, scores, out)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_one_body(
+    q: &[f32],
+    cache: &KvCache,
+    row: usize,
+    kv: usize,
+    last: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    // Plain loops, no closures: a closure is compiled apart, without the caller's target
+    // features.
     let d = q.len();
     scores.clear();
-    scores.extend((0..=last).map(|j| {
+    scores.resize(last + 1, 0.0);
+    let mut max = f32::NEG_INFINITY;
+    for (j, score) in scores.iter_mut().enumerate() {
         let at = j * row + kv * d;
-        dot(q, &cache.keys[at..at + d]) * scale
-    }));
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
-    let mut sum = 0f32;
+        *score = dot(q, &cache.keys[at..at + d]) * scale;
+        max = max.max(*score);
+    }
+    // Apart from the sum, so that the exponentials vectorize.
     for s in scores.iter_mut() {
         *s = exp_nonpositive(*s - max);
-        sum += *s;
     }
+    let sum = sum(scores);
     out.fill(0.0);
     for (j, weight) in scores.iter().enumerate() {
         let at = j * row + kv * d;
@@ -123,7 +188,9 @@ fn attend_one(
         }
     }
     let inverse = 1.0 / sum;
-    out.iter_mut().for_each(|o| *o *= inverse);
+    for o in out.iter_mut() {
+        *o *= inverse;
+    }
 }
 
 /// Attention of the rows `q` (`heads * head_dim` each) at positions `position..` over

@@ -1,5 +1,5 @@
 //! Quantized CPU kernels for the GGUF formats nanofleet ships (Q4_0, Q4_1, Q8_0), written
-//! from the formats: weights stay in their GGUF blocks, activations are quantized on the
+//! from the formats: weights keep their GGUF blocks' bytes, activations are quantized on the
 //! fly to 8 bits per 32-element block, and each block's integer dot product runs in SIMD
 //! where the CPU has it (AVX2 with FMA and F16C on x86-64, with AVX-512 VNNI's byte dot
 //! products where present; NEON on aarch64), chosen once at run time, with a scalar path

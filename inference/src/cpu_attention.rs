@@ -113,57 +113,46 @@ fn exp_nonpositive(x: f32) -> f32 {
     poly * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// Query row `q` (one head) against keys and values `0..=last` of kv head `kv`: the
-/// softmax-weighted sum of the values into `out`; `scores` is scratch. Compiled twice:
-/// for the baseline CPU and, where the CPU has them, for AVX2 and FMA (the agent ships
-/// one binary for every x86-64 CPU, so the wider vectors are chosen at run time).
-#[allow(clippy::too_many_arguments)]
-fn attend_one(
-    q: &[f32],
-    cache: &KvCache,
+/// One query row of one head and what it attends over: keys and values `0..=last` of kv
+/// head `kv` in `cache` (rows of `row` values).
+struct OneQuery<'a> {
+    q: &'a [f32],
+    cache: &'a KvCache,
     row: usize,
     kv: usize,
     last: usize,
     scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
+}
+
+/// The softmax-weighted sum of the values for `query` into `out`; `scores` is scratch.
+/// Compiled twice: for the baseline CPU and, where the CPU has them, for AVX2 and FMA (the
+/// agent ships one binary for every x86-64 CPU, so the wider vectors are chosen at run
+/// time).
+fn attend_one(query: &OneQuery, scores: &mut Vec<f32>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features just checked.
-        return unsafe { attend_one_avx2(q, cache, row, kv, last, scale, scores, out) };
+        return unsafe { attend_one_avx2(query, scores, out) };
     }
-    attend_one_body(q, cache, row, kv, last, scale, scores, out)
+    attend_one_body(query, scores, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_one_avx2(
-    q: &[f32],
-    cache: &KvCache,
-    row: usize,
-    kv: usize,
-    last: usize,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    attend_one_body(q, cache, row, kv, last, scale, scores, out)
+unsafe fn attend_one_avx2(query: &OneQuery, scores: &mut Vec<f32>, out: &mut [f32]) {
+    attend_one_body(query, scores, out)
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_one_body(
-    q: &[f32],
-    cache: &KvCache,
-    row: usize,
-    kv: usize,
-    last: usize,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
+fn attend_one_body(query: &OneQuery, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let &OneQuery {
+        q,
+        cache,
+        row,
+        kv,
+        last,
+        scale,
+    } = query;
     // Plain loops, no closures: a closure is compiled apart, without the caller's target
     // features.
     let d = q.len();
@@ -251,18 +240,15 @@ pub(crate) fn attend(
         let mut scores = Vec::with_capacity(position + seq);
         for (t, out) in queries.zip(out.chunks_exact_mut(head_dim)) {
             let at = t * q_row + head * head_dim;
-            let query = &q[at..at + head_dim];
-            let kv = head / group;
-            attend_one(
-                query,
+            let query = OneQuery {
+                q: &q[at..at + head_dim],
                 cache,
-                kv_row,
-                kv,
-                position + t,
+                row: kv_row,
+                kv: head / group,
+                last: position + t,
                 scale,
-                &mut scores,
-                out,
-            );
+            };
+            attend_one(&query, &mut scores, out);
         }
         *results[task].lock().unwrap_or_else(|e| e.into_inner()) = out;
     });

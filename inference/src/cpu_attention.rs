@@ -338,43 +338,24 @@ mod tests {
         let expected = reference(dims, &q, &k, &v, &rotary);
         let pool = Pool::new(2);
         let mut cache = KvCache::default();
+        // Tokens `tokens` placed at `position`.
+        let step = |cache: &mut KvCache, tokens: std::ops::Range<usize>, position| {
+            attend(
+                dims,
+                cache,
+                &mut q[tokens.start * 96..tokens.end * 96].to_vec(),
+                &mut k[tokens.start * 32..tokens.end * 32].to_vec(),
+                &v[tokens.start * 32..tokens.end * 32],
+                &rotary,
+                position,
+                &pool,
+            )
+        };
         // A stale cache from an earlier prompt is dropped at position 0.
-        attend(
-            dims,
-            &mut cache,
-            &mut q[..96].to_vec(),
-            &mut k[..32].to_vec(),
-            &v[..32],
-            &rotary,
-            0,
-            &pool,
-        )
-        .unwrap();
-        let mut got = attend(
-            dims,
-            &mut cache,
-            &mut q[..seq * 96].to_vec(),
-            &mut k[..seq * 32].to_vec(),
-            &v[..seq * 32],
-            &rotary,
-            0,
-            &pool,
-        )
-        .unwrap();
+        step(&mut cache, 0..1, 0).unwrap();
+        let mut got = step(&mut cache, 0..seq, 0).unwrap();
         for t in seq..total {
-            got.extend(
-                attend(
-                    dims,
-                    &mut cache,
-                    &mut q[t * 96..(t + 1) * 96].to_vec(),
-                    &mut k[t * 32..(t + 1) * 32].to_vec(),
-                    &v[t * 32..(t + 1) * 32],
-                    &rotary,
-                    t,
-                    &pool,
-                )
-                .unwrap(),
-            );
+            got.extend(step(&mut cache, t..t + 1, t).unwrap());
         }
         for (i, (got, expected)) in got.iter().zip(&expected).enumerate() {
             assert!(
@@ -384,16 +365,7 @@ mod tests {
         }
         assert_eq!(got.len(), expected.len());
         // A gap in the positions is refused, and leaves the cache as it was.
-        let error = attend(
-            dims,
-            &mut cache,
-            &mut q[..96].to_vec(),
-            &mut k[..32].to_vec(),
-            &v[..32],
-            &rotary,
-            total + 1,
-            &pool,
-        );
+        let error = step(&mut cache, 0..1, total + 1);
         assert!(error.is_err());
         assert_eq!(cache.keys.len(), total * 32);
     }

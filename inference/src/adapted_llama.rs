@@ -63,11 +63,20 @@ struct Shape {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
-    cos: Tensor,
-    sin: Tensor,
-    neg_inf: Tensor,
-    /// The rotary tables as plain rows, for the CPU's fused attention.
-    rotary: Option<cpu_attention::Rotary>,
+    rope: Rope,
+}
+
+/// The rotary tables in the form the device's attention takes.
+#[derive(Debug)]
+enum Rope {
+    /// Plain rows, for the CPU's fused attention.
+    Rows(cpu_attention::Rotary),
+    /// Tensors, for candle's attention on other devices (with the masks' fill value).
+    Tensors {
+        cos: Tensor,
+        sin: Tensor,
+        neg_inf: Tensor,
+    },
 }
 
 /// The token embedding table: kept quantized where this crate's kernels read its format
@@ -139,13 +148,17 @@ impl AdaptedLlama {
             .and_then(|v| v.to_f32().ok())
             .unwrap_or(10_000.0);
         let (cos, sin) = rotary_tables(rope_dim, freq_base, device)?;
-        let rotary = match device {
-            Device::Cpu => Some(cpu_attention::Rotary {
+        let rope = match device {
+            Device::Cpu => Rope::Rows(cpu_attention::Rotary {
                 cos: cos.flatten_all()?.to_vec1()?,
                 sin: sin.flatten_all()?.to_vec1()?,
                 positions: MAX_SEQ_LEN,
             }),
-            _ => None,
+            _ => Rope::Tensors {
+                cos,
+                sin,
+                neg_inf: Tensor::new(f32::NEG_INFINITY, device)?,
+            },
         };
 
         let table = QuantLinear::load(&ct, reader, mapped, "token_embd.weight", device)?;
@@ -210,10 +223,7 @@ impl AdaptedLlama {
                 heads,
                 kv_heads,
                 head_dim: hidden / heads,
-                cos,
-                sin,
-                neg_inf: Tensor::new(f32::NEG_INFINITY, device)?,
-                rotary,
+                rope,
             }),
         })
     }
@@ -221,7 +231,7 @@ impl AdaptedLlama {
     /// Logits after the last of `tokens` (batch, seq) placed at `position..`.
     pub(crate) fn forward(&mut self, tokens: &Tensor, position: usize) -> Result<Tensor> {
         let (_batch, seq_len) = tokens.dims2()?;
-        let mask = if seq_len == 1 || self.shape.rotary.is_some() {
+        let mask = if seq_len == 1 || matches!(self.shape.rope, Rope::Rows(_)) {
             None
         } else {
             Some(build_causal_mask(seq_len, position, tokens.device())?)
@@ -256,10 +266,10 @@ fn rotary_tables(head_dim: usize, freq_base: f32, device: &Device) -> Result<(Te
     Ok((angles.cos()?, angles.sin()?))
 }
 
-fn rotate(x: &Tensor, shape: &Shape, position: usize) -> Result<Tensor> {
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, position: usize) -> Result<Tensor> {
     let (_b, _h, seq_len, _d) = x.dims4()?;
-    let cos = shape.cos.narrow(0, position, seq_len)?;
-    let sin = shape.sin.narrow(0, position, seq_len)?;
+    let cos = cos.narrow(0, position, seq_len)?;
+    let sin = sin.narrow(0, position, seq_len)?;
     // llama uses interleaved pairs (llama.cpp's "norm" rope).
     candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
 }
@@ -272,7 +282,7 @@ fn attend(
     position: usize,
 ) -> Result<Tensor> {
     let (batch, seq_len, hidden) = x.dims3()?;
-    if let (LayerCache::Cpu(cache), Some(rotary)) = (&mut layer.cache, &shape.rotary) {
+    if let (LayerCache::Cpu(cache), Rope::Rows(rotary)) = (&mut layer.cache, &shape.rope) {
         if batch != 1 {
             candle_core::bail!("attention on the CPU takes one sequence at a time, not {batch}");
         }
@@ -297,8 +307,10 @@ fn attend(
             .wo
             .forward(&Tensor::from_vec(y, (batch, seq_len, hidden), x.device())?);
     }
-    let LayerCache::Tensors(kv_cache) = &mut layer.cache else {
-        candle_core::bail!("the CPU's attention cache outside the CPU");
+    let (LayerCache::Tensors(kv_cache), Rope::Tensors { cos, sin, neg_inf }) =
+        (&mut layer.cache, &shape.rope)
+    else {
+        candle_core::bail!("the CPU's attention state outside the CPU");
     };
     let q = layer
         .wq
@@ -316,8 +328,8 @@ fn attend(
         .reshape((batch, seq_len, shape.kv_heads, shape.head_dim))?
         .transpose(1, 2)?
         .contiguous()?;
-    let q = rotate(&q, shape, position)?;
-    let k = rotate(&k, shape, position)?;
+    let q = rotate(&q, cos, sin, position)?;
+    let k = rotate(&k, cos, sin, position)?;
     let (k, v) = match kv_cache {
         Some((k_cache, v_cache)) if position > 0 => (
             Tensor::cat(&[k_cache, &k], 2)?,
@@ -333,7 +345,7 @@ fn attend(
         None => scores,
         Some(mask) => {
             let mask = mask.broadcast_as(scores.shape())?;
-            mask.where_cond(&shape.neg_inf.broadcast_as(scores.shape().dims())?, &scores)?
+            mask.where_cond(&neg_inf.broadcast_as(scores.shape().dims())?, &scores)?
         }
     };
     let weights = candle_nn::ops::softmax_last_dim(&scores)?;

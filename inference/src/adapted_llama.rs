@@ -49,7 +49,7 @@ struct Layer {
     cache: LayerCache,
 }
 
-/// A layer's keys and values so far: the CPU's fused attention keeps plain rows, other
+/// A layer's keys and values so far: the CPU's fused attention keeps f16 rows, other
 /// devices candle tensors.
 #[derive(Debug, Clone)]
 enum LayerCache {

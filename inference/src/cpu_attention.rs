@@ -1,17 +1,26 @@
-//! Causal self-attention on the CPU over plain f32 rows, with a per-layer KV cache that
-//! grows in place: the rotary embedding, scores, softmax and weighted sum run fused per
-//! head and query, so prefill computes only the causal half of the scores, never holds
-//! them for every head at once, and generation appends one row to the cache instead of
-//! concatenating it anew.
+//! Causal self-attention on the CPU over plain f32 rows, with a per-layer KV cache of f16
+//! (as llama.cpp keeps it) reserved for the model's whole context at the first token: the
+//! rotary embedding, scores, softmax and weighted sum run fused per head over blocks of
+//! queries against tiles of keys, so prefill computes only the causal half of the scores,
+//! never holds them for every head at once, and generation writes one row into the cache
+//! instead of concatenating it anew.
 
 use std::sync::Mutex;
 
 use candle_core::Result;
+use half::f16;
 use nanofleet_quant::Pool;
 
-/// Queries per task of a prefill: enough to pay for a task, few enough to spread a
-/// prompt's causal triangle over the threads.
+/// Queries per task of a prefill: enough to pay for a task and reuse each key tile, few
+/// enough to spread a prompt's causal triangle over the threads.
 const QUERIES_PER_TASK: usize = 32;
+
+/// Positions per tile: keys are kept transposed in tiles of eight positions, so that one
+/// vector holds one dimension of eight keys and a score needs no horizontal sum.
+const TILE: usize = 8;
+
+/// Queries scored together against one key tile, so that each loaded key feeds several.
+const QUERY_GROUP: usize = 4;
 
 /// The attention's sizes.
 #[derive(Debug, Clone, Copy)]
@@ -31,12 +40,95 @@ pub(crate) struct Rotary {
     pub positions: usize,
 }
 
-/// Keys and values of the positions seen so far, one row of `kv_heads * head_dim` per
-/// position.
-#[derive(Debug, Clone, Default)]
+/// Keys and values of the positions seen so far, as f16. The room for every position the
+/// rotary tables cover is mapped at the first token (anonymous memory, so only the pages
+/// written become resident) and never moves or grows after.
+///
+/// Layout in f16 words, for `capacity` positions: the keys of kv head `h` from
+/// `h * span`, tile by tile, each tile `head_dim` columns of [`TILE`] positions; then the
+/// values of kv head `h` from `(kv_heads + h) * span`, one row of `head_dim` per position
+/// (`span = capacity * head_dim`).
+#[derive(Debug, Default)]
 pub(crate) struct KvCache {
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    storage: Option<memmap2::MmapMut>,
+    capacity: usize,
+    len: usize,
+}
+
+impl KvCache {
+    fn words(&self) -> &[u16] {
+        self.storage
+            .as_ref()
+            .map_or(&[], |map| bytemuck::cast_slice(map))
+    }
+
+    /// Maps room for `capacity` positions of `dims` where none is mapped yet.
+    fn reserve(&mut self, dims: Dims, capacity: usize) -> Result<()> {
+        if self.storage.is_none() {
+            let capacity = capacity.next_multiple_of(TILE);
+            let bytes = 2 * dims.kv_heads * capacity * dims.head_dim * size_of::<u16>();
+            self.storage =
+                Some(memmap2::MmapMut::map_anon(bytes).map_err(candle_core::Error::wrap)?);
+            self.capacity = capacity;
+        }
+        Ok(())
+    }
+
+    /// Appends the rows of `k` and `v` (`kv_heads * head_dim` each), rounded to f16.
+    fn append(&mut self, dims: Dims, k: &[f32], v: &[f32]) {
+        let Dims {
+            kv_heads,
+            head_dim: d,
+            ..
+        } = dims;
+        let span = self.capacity * d;
+        let first = self.len;
+        let Some(map) = self.storage.as_mut() else {
+            return;
+        };
+        let words: &mut [u16] = bytemuck::cast_slice_mut(map);
+        let narrow = |x: f32| f16::from_f32(x).to_bits();
+        for (t, (k_row, v_row)) in k
+            .chunks_exact(kv_heads * d)
+            .zip(v.chunks_exact(kv_heads * d))
+            .enumerate()
+        {
+            let p = first + t;
+            for h in 0..kv_heads {
+                let tile = h * span + p / TILE * d * TILE;
+                for (i, &x) in k_row[h * d..(h + 1) * d].iter().enumerate() {
+                    words[tile + i * TILE + p % TILE] = narrow(x);
+                }
+                let row = (kv_heads + h) * span + p * d;
+                for (word, &x) in words[row..row + d]
+                    .iter_mut()
+                    .zip(&v_row[h * d..(h + 1) * d])
+                {
+                    *word = narrow(x);
+                }
+            }
+        }
+        self.len += k.len() / (kv_heads * d);
+    }
+}
+
+impl Clone for KvCache {
+    /// A cache of its own with the same positions: a fresh map with the written part copied.
+    fn clone(&self) -> Self {
+        let mut copy = Self::default();
+        if let Some(map) = &self.storage {
+            // Failing to map leaves the copy empty; its first `attend` maps again or fails.
+            if let Ok(mut fresh) = memmap2::MmapMut::map_anon(map.len()) {
+                fresh.copy_from_slice(map);
+                copy = Self {
+                    storage: Some(fresh),
+                    capacity: self.capacity,
+                    len: self.len,
+                };
+            }
+        }
+        copy
+    }
 }
 
 /// Rotates each head's interleaved pairs `(x[2i], x[2i + 1])` of the rows of `x`
@@ -57,49 +149,27 @@ fn rotate(x: &mut [f32], heads: usize, head_dim: usize, rotary: &Rotary, positio
     }
 }
 
-/// `sum(a * b)` in eight lanes, so that it vectorizes.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
-    let mut tail = 0f32;
-    for (a, b) in a_chunks.remainder().iter().zip(b_chunks.remainder()) {
-        tail += a * b;
-    }
-    for (a, b) in a_chunks.zip(b_chunks) {
-        for i in 0..8 {
-            lanes[i] += a[i] * b[i];
-        }
-    }
-    let mut sum = tail;
-    for lane in lanes {
-        sum += lane;
-    }
-    sum
-}
+/// `2^112`: an f16's exponent and mantissa bits, moved into an f32's places, read as
+/// that f32 times `2^-112` (subnormals included).
+const F16_REBIAS: f32 = f32::from_bits((127 + 112) << 23);
 
-/// `sum(a)` in eight lanes, so that it vectorizes.
+/// f16 words to f32, in operations that vectorize.
 #[inline(always)]
-fn sum(a: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let chunks = a.chunks_exact(8);
-    let mut total = 0f32;
-    for a in chunks.remainder() {
-        total += a;
+fn widen(words: &[u16], out: &mut [f32]) {
+    for (o, &word) in out.iter_mut().zip(words) {
+        let word = u32::from(word);
+        let magnitude = if word & 0x7c00 == 0x7c00 {
+            0x7f80_0000 | (word & 0x03ff) << 13
+        } else {
+            (f32::from_bits((word & 0x7fff) << 13) * F16_REBIAS).to_bits()
+        };
+        *o = f32::from_bits(magnitude | (word & 0x8000) << 16);
     }
-    for a in chunks {
-        for i in 0..8 {
-            lanes[i] += a[i];
-        }
-    }
-    for lane in lanes {
-        total += lane;
-    }
-    total
 }
 
 /// `e^x` for `x <= 0` to about 2e-7 relative: `2^n e^r` with `|r| <= ln 2 / 2` and a
 /// degree-6 polynomial for `e^r`, in operations that vectorize (libm's `expf` does not).
+#[inline(always)]
 fn exp_nonpositive(x: f32) -> f32 {
     // Below this e^x is under f32's normal range: the weight is zero to softmax.
     let x = x.max(-87.0);
@@ -113,72 +183,237 @@ fn exp_nonpositive(x: f32) -> f32 {
     poly * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// One query row of one head and what it attends over: keys and values `0..=last` of kv
-/// head `kv` in `cache` (rows of `row` values).
-struct OneQuery<'a> {
-    q: &'a [f32],
+/// A block of consecutive queries of one head and what they attend over.
+struct QueryBlock<'a> {
+    /// The block's query rows of this head, `head_dim` each, already scaled by
+    /// `1 / sqrt(head_dim)`.
+    queries: &'a [f32],
     cache: &'a KvCache,
-    row: usize,
+    head_dim: usize,
+    /// The kv head the queries read.
     kv: usize,
-    last: usize,
-    scale: f32,
+    kv_heads: usize,
+    /// The position of the block's first query; query `i` sees keys `0..=first + i`.
+    first: usize,
 }
 
-/// The softmax-weighted sum of the values for `query` into `out`; `scores` is scratch.
-/// Compiled twice: for the baseline CPU and, where the CPU has them, for AVX2 and FMA (the
-/// agent ships one binary for every x86-64 CPU, so the wider vectors are chosen at run
-/// time).
-fn attend_one(query: &OneQuery, scores: &mut Vec<f32>, out: &mut [f32]) {
+/// Scratch of one task, reused across its blocks.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    tile: Vec<f32>,
+}
+
+/// The softmax-weighted sums of the values for the block's queries into `out` (one row of
+/// `head_dim` per query). Compiled twice: for the baseline CPU and, where the CPU has
+/// them, for AVX2 and FMA (the agent ships one binary for every x86-64 CPU, so the wider
+/// vectors are chosen at run time).
+fn attend_block(block: &QueryBlock, scratch: &mut Scratch, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features just checked.
-        return unsafe { attend_one_avx2(query, scores, out) };
+        return unsafe { attend_block_avx2(block, scratch, out) };
     }
-    attend_one_body(query, scores, out)
+    attend_block_body::<Unfused>(block, scratch, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_one_avx2(query: &OneQuery, scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend_one_body(query, scores, out)
+unsafe fn attend_block_avx2(block: &QueryBlock, scratch: &mut Scratch, out: &mut [f32]) {
+    attend_block_body::<Fused>(block, scratch, out)
+}
+
+/// How `a * b + c` is computed: fused where the code is compiled for FMA; as a product and
+/// a sum otherwise, where `mul_add` would call libm's software `fmaf`.
+trait MulAdd {
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+struct Fused;
+
+struct Unfused;
+
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+impl MulAdd for Unfused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
+/// Scores of `N` queries (rows of `d`) against one key tile (`d` columns of [`TILE`]),
+/// each summed in `P` partial sums (over every `P`-th column) so that `N * P` independent
+/// chains of multiply-adds hide their latency.
+#[inline(always)]
+fn tile_scores<M: MulAdd, const N: usize, const P: usize>(
+    queries: &[f32],
+    tile: &[f32],
+    d: usize,
+) -> [[f32; TILE]; N] {
+    let mut acc = [[[0f32; TILE]; N]; P];
+    let queries: [&[f32]; N] = std::array::from_fn(|n| &queries[n * d..(n + 1) * d]);
+    for (i, columns) in tile.chunks_exact(TILE * P).enumerate() {
+        for p in 0..P {
+            let column = &columns[p * TILE..(p + 1) * TILE];
+            for n in 0..N {
+                let q = queries[n][i * P + p];
+                for l in 0..TILE {
+                    acc[p][n][l] = M::mul_add(q, column[l], acc[p][n][l]);
+                }
+            }
+        }
+    }
+    let mut scores = acc[0];
+    for partial in &acc[1..] {
+        for n in 0..N {
+            for l in 0..TILE {
+                scores[n][l] += partial[n][l];
+            }
+        }
+    }
+    scores
+}
+
+/// `out += sum over l of weights[l] * tile row l` for one query: `W` vectors of `out`
+/// held in registers at a time, independent chains over the tile's rows.
+#[inline(always)]
+fn weigh_tile<M: MulAdd, const W: usize>(weights: &[f32], tile: &[f32], d: usize, out: &mut [f32]) {
+    for (c, out) in out.chunks_exact_mut(TILE * W).enumerate() {
+        let mut acc = [[0f32; TILE]; W];
+        for (k, acc) in acc.iter_mut().enumerate() {
+            acc.copy_from_slice(&out[k * TILE..(k + 1) * TILE]);
+        }
+        for (l, &w) in weights.iter().enumerate() {
+            let v = &tile[l * d + c * TILE * W..][..TILE * W];
+            for k in 0..W {
+                for j in 0..TILE {
+                    acc[k][j] = M::mul_add(w, v[k * TILE + j], acc[k][j]);
+                }
+            }
+        }
+        for (k, acc) in acc.iter().enumerate() {
+            out[k * TILE..(k + 1) * TILE].copy_from_slice(acc);
+        }
+    }
 }
 
 #[inline(always)]
-fn attend_one_body(query: &OneQuery, scores: &mut Vec<f32>, out: &mut [f32]) {
-    let &OneQuery {
-        q,
-        cache,
-        row,
-        kv,
-        last,
-        scale,
-    } = query;
+fn attend_block_body<M: MulAdd>(block: &QueryBlock, scratch: &mut Scratch, out: &mut [f32]) {
     // Plain loops, no closures: a closure is compiled apart, without the caller's target
     // features.
-    let d = q.len();
+    let &QueryBlock {
+        queries,
+        cache,
+        head_dim: d,
+        kv,
+        kv_heads,
+        first,
+    } = block;
+    let count = queries.len() / d;
+    // Keys the last query sees, and the tiles that hold them.
+    let total = first + count;
+    let tiles = total.div_ceil(TILE);
+    let stride = tiles * TILE;
+    let span = cache.capacity * d;
+    let words = cache.words();
+    let Scratch { scores, tile } = scratch;
     scores.clear();
-    scores.resize(last + 1, 0.0);
-    let mut max = f32::NEG_INFINITY;
-    for (j, score) in scores.iter_mut().enumerate() {
-        let at = j * row + kv * d;
-        *score = dot(q, &cache.keys[at..at + d]) * scale;
-        max = max.max(*score);
-    }
-    // Apart from the sum, so that the exponentials vectorize.
-    for s in scores.iter_mut() {
-        *s = exp_nonpositive(*s - max);
-    }
-    let sum = sum(scores);
-    out.fill(0.0);
-    for (j, weight) in scores.iter().enumerate() {
-        let at = j * row + kv * d;
-        for (o, v) in out.iter_mut().zip(&cache.values[at..at + d]) {
-            *o += weight * v;
+    scores.resize(count * stride, 0.0);
+    tile.clear();
+    tile.resize(d * TILE, 0.0);
+
+    // Scores, tile by tile; a tile past a group's last visible key is skipped (masked below).
+    for t in 0..tiles {
+        let at = kv * span + t * d * TILE;
+        widen(&words[at..at + d * TILE], tile);
+        let mut n = 0;
+        while n < count {
+            let group = QUERY_GROUP.min(count - n);
+            if t * TILE < first + n + group {
+                let rows = &queries[n * d..(n + group) * d];
+                let at = t * TILE;
+                if group == QUERY_GROUP {
+                    let acc = tile_scores::<M, QUERY_GROUP, 2>(rows, tile, d);
+                    for (g, acc) in acc.iter().enumerate() {
+                        scores[(n + g) * stride + at..][..TILE].copy_from_slice(acc);
+                    }
+                } else {
+                    for g in 0..group {
+                        let [acc] = tile_scores::<M, 1, 8>(&rows[g * d..], tile, d);
+                        scores[(n + g) * stride + at..][..TILE].copy_from_slice(&acc);
+                    }
+                }
+            }
+            n += group;
         }
     }
-    let inverse = 1.0 / sum;
-    for o in out.iter_mut() {
-        *o *= inverse;
+
+    // Softmax per query over the keys it sees; the rest of its row is weight 0.
+    let mut sums = [0f32; QUERIES_PER_TASK];
+    for (n, row) in scores.chunks_exact_mut(stride).enumerate() {
+        let seen = first + n + 1;
+        let (visible, hidden) = row.split_at_mut(seen);
+        let mut maxima = [f32::NEG_INFINITY; TILE];
+        let chunks = visible.chunks_exact(TILE);
+        let mut max = chunks
+            .remainder()
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        for chunk in chunks {
+            for l in 0..TILE {
+                maxima[l] = maxima[l].max(chunk[l]);
+            }
+        }
+        for m in maxima {
+            max = max.max(m);
+        }
+        // Apart from the sum, so that the exponentials vectorize.
+        for s in visible.iter_mut() {
+            *s = exp_nonpositive(*s - max);
+        }
+        let mut lanes = [0f32; TILE];
+        let chunks = visible.chunks_exact(TILE);
+        let mut sum = chunks.remainder().iter().sum::<f32>();
+        for chunk in chunks {
+            for l in 0..TILE {
+                lanes[l] += chunk[l];
+            }
+        }
+        sum += lanes.iter().sum::<f32>();
+        sums[n] = sum;
+        hidden.fill(0.0);
+    }
+
+    // Weighted sums of the values, tile by tile: each query's row held in registers,
+    // eight columns at a time.
+    out.fill(0.0);
+    for t in 0..tiles {
+        let valid = TILE.min(total - t * TILE);
+        let at = (kv_heads + kv) * span + t * TILE * d;
+        widen(&words[at..at + valid * d], &mut tile[..valid * d]);
+        tile[valid * d..].fill(0.0);
+        for (n, o) in out.chunks_exact_mut(d).enumerate() {
+            if t * TILE > first + n {
+                continue;
+            }
+            let weights = &scores[n * stride + t * TILE..][..TILE];
+            match d % (8 * TILE) {
+                0 => weigh_tile::<M, 8>(weights, tile, d, o),
+                _ => weigh_tile::<M, 1>(weights, tile, d, o),
+            }
+        }
+    }
+    for (o, sum) in out.chunks_exact_mut(d).zip(sums) {
+        let inverse = 1.0 / sum;
+        for x in o.iter_mut() {
+            *x *= inverse;
+        }
     }
 }
 
@@ -205,10 +440,9 @@ pub(crate) fn attend(
     let (q_row, kv_row) = (heads * head_dim, kv_heads * head_dim);
     let seq = q.len() / q_row;
     if position == 0 {
-        cache.keys.clear();
-        cache.values.clear();
+        cache.len = 0;
     }
-    let cached = cache.keys.len() / kv_row;
+    let cached = cache.len;
     if cached != position || k.len() != seq * kv_row || v.len() != seq * kv_row {
         candle_core::bail!(
             "attention at position {position} over {cached} cached positions with {seq} new"
@@ -221,10 +455,15 @@ pub(crate) fn attend(
             rotary.positions
         );
     }
+    if head_dim % TILE != 0 {
+        candle_core::bail!(
+            "the CPU's attention takes heads of a multiple of {TILE} dimensions, not {head_dim}"
+        );
+    }
+    cache.reserve(dims, rotary.positions)?;
     rotate(q, heads, head_dim, rotary, position);
     rotate(k, kv_heads, head_dim, rotary, position);
-    cache.keys.extend_from_slice(k);
-    cache.values.extend_from_slice(v);
+    cache.append(dims, k, v);
 
     let scale = 1.0 / (head_dim as f32).sqrt();
     let group = heads / kv_heads;
@@ -235,21 +474,23 @@ pub(crate) fn attend(
     let results: Vec<Mutex<Vec<f32>>> = (0..heads * chunks).map(|_| Mutex::default()).collect();
     pool.run(heads * chunks, &|task| {
         let (head, chunk) = (task / chunks, task % chunks);
-        let queries = chunk * QUERIES_PER_TASK..((chunk + 1) * QUERIES_PER_TASK).min(seq);
-        let mut out = vec![0f32; queries.len() * head_dim];
-        let mut scores = Vec::with_capacity(position + seq);
-        for (t, out) in queries.zip(out.chunks_exact_mut(head_dim)) {
+        let start = chunk * QUERIES_PER_TASK;
+        let end = (start + QUERIES_PER_TASK).min(seq);
+        let mut queries = Vec::with_capacity((end - start) * head_dim);
+        for t in start..end {
             let at = t * q_row + head * head_dim;
-            let query = OneQuery {
-                q: &q[at..at + head_dim],
-                cache,
-                row: kv_row,
-                kv: head / group,
-                last: position + t,
-                scale,
-            };
-            attend_one(&query, &mut scores, out);
+            queries.extend(q[at..at + head_dim].iter().map(|x| x * scale));
         }
+        let block = QueryBlock {
+            queries: &queries,
+            cache,
+            head_dim,
+            kv: head / group,
+            kv_heads,
+            first: position + start,
+        };
+        let mut out = vec![0f32; queries.len()];
+        attend_block(&block, &mut Scratch::default(), &mut out);
         *results[task].lock().unwrap_or_else(|e| e.into_inner()) = out;
     });
     let mut y = vec![0f32; seq * q_row];
@@ -279,6 +520,10 @@ mod tests {
         let (mut q, mut k) = (q.to_vec(), k.to_vec());
         rotate(&mut q, heads, d, rotary, 0);
         rotate(&mut k, kv_heads, d, rotary, 0);
+        // The cache holds keys and values as f16.
+        let to_f16 = |x: &f32| f16::from_f32(*x).to_f32();
+        let k: Vec<f32> = k.iter().map(to_f16).collect();
+        let v: Vec<f32> = v.iter().map(to_f16).collect();
         let seq = q.len() / (heads * d);
         let mut out = vec![0f32; q.len()];
         for t in 0..seq {
@@ -310,17 +555,19 @@ mod tests {
         out
     }
 
-    #[test]
-    fn prefill_then_generation_equal_the_definition() {
-        let dims = Dims {
-            heads: 6,
-            kv_heads: 2,
-            head_dim: 16,
-        };
-        let (seq, extra) = (40, 3);
+    /// A 45-token prefill (a full block and one of 13: groups of four and a remainder),
+    /// then 3 tokens generated one by one on a clone of the cache, against the definition.
+    fn prefill_then_generation(dims: Dims) {
+        let Dims {
+            heads,
+            kv_heads,
+            head_dim: d,
+        } = dims;
+        let (seq, extra) = (45, 3);
         let total = seq + extra;
-        let angles: Vec<f32> = (0..total * 8)
-            .map(|i| (i / 8) as f32 / (1 + i % 8) as f32)
+        let half = d / 2;
+        let angles: Vec<f32> = (0..total * half)
+            .map(|i| (i / half) as f32 / (1 + i % half) as f32)
             .collect();
         let rotary = Rotary {
             cos: angles.iter().map(|a| a.cos()).collect(),
@@ -332,9 +579,10 @@ mod tests {
                 .map(|i| ((i * 7919 + salt) % 1000) as f32 / 250.0 - 2.0)
                 .collect()
         };
-        let q = values(total * 6 * 16, 1);
-        let k = values(total * 2 * 16, 2);
-        let v = values(total * 2 * 16, 3);
+        let (q_row, kv_row) = (heads * d, kv_heads * d);
+        let q = values(total * q_row, 1);
+        let k = values(total * kv_row, 2);
+        let v = values(total * kv_row, 3);
         let expected = reference(dims, &q, &k, &v, &rotary);
         let pool = Pool::new(2);
         let mut cache = KvCache::default();
@@ -343,9 +591,9 @@ mod tests {
             attend(
                 dims,
                 cache,
-                &mut q[tokens.start * 96..tokens.end * 96].to_vec(),
-                &mut k[tokens.start * 32..tokens.end * 32].to_vec(),
-                &v[tokens.start * 32..tokens.end * 32],
+                &mut q[tokens.start * q_row..tokens.end * q_row].to_vec(),
+                &mut k[tokens.start * kv_row..tokens.end * kv_row].to_vec(),
+                &v[tokens.start * kv_row..tokens.end * kv_row],
                 &rotary,
                 position,
                 &pool,
@@ -354,8 +602,9 @@ mod tests {
         // A stale cache from an earlier prompt is dropped at position 0.
         step(&mut cache, 0..1, 0).unwrap();
         let mut got = step(&mut cache, 0..seq, 0).unwrap();
+        let mut session = cache.clone();
         for t in seq..total {
-            got.extend(step(&mut cache, t..t + 1, t).unwrap());
+            got.extend(step(&mut session, t..t + 1, t).unwrap());
         }
         for (i, (got, expected)) in got.iter().zip(&expected).enumerate() {
             assert!(
@@ -364,10 +613,37 @@ mod tests {
             );
         }
         assert_eq!(got.len(), expected.len());
+        assert_eq!((cache.len, session.len), (seq, total));
         // A gap in the positions is refused, and leaves the cache as it was.
-        let error = step(&mut cache, 0..1, total + 1);
+        let error = step(&mut session, 0..1, total + 1);
         assert!(error.is_err());
-        assert_eq!(cache.keys.len(), total * 32);
+        assert_eq!(session.len, total);
+    }
+
+    #[test]
+    fn prefill_then_generation_equal_the_definition() {
+        // Heads of 16 (one vector of the output per step) and of 64 (eight at a time).
+        for head_dim in [16, 64] {
+            prefill_then_generation(Dims {
+                heads: 6,
+                kv_heads: 2,
+                head_dim,
+            });
+        }
+    }
+
+    #[test]
+    fn widening_agrees_with_f16_for_every_word() {
+        let words: Vec<u16> = (0..=u16::MAX).collect();
+        let mut got = vec![0f32; words.len()];
+        widen(&words, &mut got);
+        for (&word, got) in words.iter().zip(got) {
+            let exact = f16::from_bits(word).to_f32();
+            assert!(
+                got.to_bits() == exact.to_bits() || (got.is_nan() && exact.is_nan()),
+                "{word:#06x}: {got} against {exact}"
+            );
+        }
     }
 
     #[test]

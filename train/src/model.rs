@@ -57,6 +57,9 @@ pub(crate) struct Config {
     /// Positions the rotary tables cover: the model's context, capped like the engine's.
     pub(crate) max_positions: usize,
     eps: f64,
+    /// Keys and values rounded to f16, as the engine's KV cache holds them (with a
+    /// straight-through gradient); off only where a test needs the loss smooth.
+    pub(crate) kv_in_f16: bool,
 }
 
 #[derive(Debug)]
@@ -282,6 +285,7 @@ impl TrainModel {
                 vocab,
                 max_positions,
                 eps: f64::from(eps),
+                kv_in_f16: true,
             },
             embeddings,
             blocks,
@@ -381,6 +385,11 @@ impl TrainModel {
         // llama uses interleaved pairs (llama.cpp's "norm" rope).
         let q = candle_nn::rotary_emb::rope_i_slow(&q, &self.cos, &self.sin)?;
         let k = candle_nn::rotary_emb::rope_i_slow(&k, &self.cos, &self.sin)?;
+        let (k, v) = if self.config.kv_in_f16 {
+            (as_cached(&k)?, as_cached(&v)?)
+        } else {
+            (k, v)
+        };
         let k = repeat_kv(k, heads / kv_heads)?;
         let v = repeat_kv(v, heads / kv_heads)?;
         let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?;
@@ -450,6 +459,14 @@ fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tenso
     let fused = candle_nn::ops::rms_norm(&xs.contiguous()?, weight, eps as f32)?;
     let slow = candle_nn::ops::rms_norm_slow(xs, weight, eps as f32)?;
     fused + (&slow - slow.detach())?
+}
+
+/// `xs` rounded to f16 as the engine's KV cache holds keys and values, with the gradient
+/// of `xs`: `r - xs` is exact for values this close (Sterbenz), so `xs + (r - xs)` is `r`
+/// to the bit.
+fn as_cached(xs: &Tensor) -> candle_core::Result<Tensor> {
+    let rounded = xs.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
+    xs + (rounded - xs)?.detach()
 }
 
 /// 0 on and below the diagonal, -∞ above: added to the scores, it hides later tokens. Padding

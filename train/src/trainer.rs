@@ -438,6 +438,11 @@ impl Trainer {
     }
 
     #[cfg(test)]
+    pub(crate) fn model_mut(&mut self) -> &mut TrainModel {
+        &mut self.model
+    }
+
+    #[cfg(test)]
     pub(crate) fn text(&self) -> &ModelText {
         &self.text
     }

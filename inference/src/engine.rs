@@ -1,6 +1,7 @@
 //! The engine the node agent holds: load a GGUF once, then serve generation requests from any
 //! number of threads, each with its own KV cache and sampler.
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -12,6 +13,7 @@ use serde::Serialize;
 
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{model_err, InferenceError, Result};
+use crate::gguf;
 use crate::lora::{LoraAdapter, LoraConfig};
 use crate::metadata::Metadata;
 use crate::model::{Architecture, Weights};
@@ -241,12 +243,22 @@ impl Engine {
             source,
         })?;
         let mapped = MappedFile::new(&file);
+        let header = match &mapped {
+            Some(mapped) => gguf::parse(mapped.as_bytes()),
+            None => gguf::read(&file),
+        }
+        .map_err(|source| InferenceError::Gguf {
+            path: path.clone(),
+            source,
+        })?;
+        let mut content = gguf::into_content(header)?;
         let mut reader = std::io::BufReader::new(file);
-        let content =
-            gguf_file::Content::read(&mut reader).map_err(|source| InferenceError::Gguf {
-                path: path.clone(),
-                source,
-            })?;
+        // The tokenizer and chat template are built on a thread of their own from their
+        // keys, taken out of the metadata, while the weights are packed.
+        let text_metadata: HashMap<String, gguf_file::Value> = content
+            .metadata
+            .extract_if(|key, _| key.starts_with("tokenizer."))
+            .collect();
         let md = Metadata::new(&content.metadata);
         let architecture =
             Architecture::from_gguf_name(md.required_string("general.architecture")?)?;
@@ -261,10 +273,6 @@ impl Engine {
         .flatten()
         .min()
         .unwrap_or(model_context_length);
-        let ModelText {
-            tokenizer,
-            template,
-        } = ModelText::from_gguf_metadata(&content.metadata)?;
         let name = md.string("general.name")?.map(str::to_string);
         let tensor_count = content.tensor_infos.len();
 
@@ -298,14 +306,33 @@ impl Engine {
                 })
             }
         };
-        let weights = Weights::load(
-            architecture,
-            content,
-            &mut reader,
-            mapped.as_ref(),
-            &options.device,
-            adapter.as_ref(),
-        )?;
+        let (text, weights) = std::thread::scope(|scope| {
+            let text = std::thread::Builder::new()
+                .name("nanofleet-tokenizer".into())
+                .spawn_scoped(scope, || ModelText::from_gguf_metadata(&text_metadata));
+            let weights = Weights::load(
+                architecture,
+                content,
+                &mut reader,
+                mapped.as_ref(),
+                &options.device,
+                adapter.as_ref(),
+            );
+            let text = match text {
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                // No thread to be had: build it here.
+                Err(_) => ModelText::from_gguf_metadata(&text_metadata),
+            };
+            (text, weights)
+        });
+        // The tokenizer's error first, as when the two were built one after the other.
+        let ModelText {
+            tokenizer,
+            template,
+        } = text?;
+        let weights = weights?;
         let info = ModelInfo {
             path,
             architecture,

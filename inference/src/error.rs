@@ -13,8 +13,10 @@ pub enum InferenceError {
     #[error("{path} is not a readable GGUF file: {source}")]
     Gguf {
         path: PathBuf,
-        source: candle_core::Error,
+        source: nanofleet_artifact::gguf::GgufError,
     },
+    #[error("tensor `{tensor}` is of type {type_name}, which this engine cannot load; re-quantize the model to a GGML type candle reads (F32, F16, BF16, Q4_0 to Q8_1, or a K-quant)")]
+    UnsupportedTensorType { tensor: String, type_name: String },
     #[error("GGUF metadata key `{key}` is missing; the file was not written by a GGUF converter this engine understands")]
     MissingMetadata { key: String },
     #[error("GGUF metadata key `{key}` has an unexpected type or value: {detail}")]

@@ -168,6 +168,10 @@ impl MappedFile {
         unsafe { memmap2::Mmap::map(file) }.ok().map(Self)
     }
 
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     fn bytes(&self, start: usize, len: usize) -> Option<&[u8]> {
         self.0.get(start..start.checked_add(len)?)
     }

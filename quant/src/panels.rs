@@ -119,33 +119,32 @@ fn pack_panels(
             let at = ((panel * PANEL_ROWS + r) * blocks + b) * size;
             let block = &data[at..at + size];
             scales[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
+            // Whole words at a time: four weights of one row per 32-bit word of the panel.
+            let word = |bytes: &[u8]| u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            let mut put = |v: usize, value: u32| {
+                weights[v * 32 + r * 4..v * 32 + r * 4 + 4].copy_from_slice(&value.to_le_bytes());
+            };
             match format {
                 Format::Q8_0 => {
-                    for (j, four) in block[2..].chunks_exact(4).enumerate() {
-                        for (k, byte) in four.iter().enumerate() {
-                            weights[j * 32 + r * 4 + k] = byte ^ Q8_0_BIAS;
-                        }
+                    let bias = u32::from_le_bytes([Q8_0_BIAS; 4]);
+                    for (v, four) in block[2..].chunks_exact(4).enumerate() {
+                        put(v, word(four) ^ bias);
                     }
                 }
                 Format::Q4_0 | Format::Q4_1 => {
                     if format == Format::Q4_1 {
                         scales[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&block[2..4]);
                     }
-                    // Weight i is the low nibble of GGUF byte i (i < 16) or the high nibble
-                    // of byte i - 16.
+                    // Byte j holds weights j (low nibble) and j + 16 (high); vector v of
+                    // the panel takes weights 8v..8v+4 in its low nibbles and 8v+4..8v+8
+                    // in its high ones.
                     let nibbles = &block[size - BLOCK / 2..];
-                    let w: [u8; BLOCK] = std::array::from_fn(|i| {
-                        if i < 16 {
-                            nibbles[i] & 0x0F
-                        } else {
-                            nibbles[i - 16] >> 4
-                        }
-                    });
-                    for v in 0..4 {
-                        for k in 0..4 {
-                            weights[v * 32 + r * 4 + k] = w[8 * v + k] | w[8 * v + 4 + k] << 4;
-                        }
-                    }
+                    let [a, b, c, e] = [0, 4, 8, 12].map(|at| word(&nibbles[at..]));
+                    const LOW: u32 = 0x0F0F_0F0F;
+                    put(0, (a & LOW) | (b & LOW) << 4);
+                    put(1, (c & LOW) | (e & LOW) << 4);
+                    put(2, (a >> 4 & LOW) | (b & !LOW));
+                    put(3, (c >> 4 & LOW) | (e & !LOW));
                 }
             }
         }

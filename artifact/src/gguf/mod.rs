@@ -395,6 +395,11 @@ impl GgufHeader {
         &self.tensors
     }
 
+    /// The metadata (in file order) and tensor infos, moved out.
+    pub fn into_parts(self) -> (Vec<(String, MetadataValue)>, Vec<TensorInfo>) {
+        (self.metadata, self.tensors)
+    }
+
     pub fn alignment(&self) -> u64 {
         self.alignment
     }

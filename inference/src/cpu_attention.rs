@@ -51,6 +51,9 @@ pub(crate) struct Rotary {
 #[derive(Debug, Default)]
 pub(crate) struct KvCache {
     storage: Option<memmap2::MmapMut>,
+    /// The sizes the storage was mapped for.
+    kv_heads: usize,
+    head_dim: usize,
     capacity: usize,
     len: usize,
 }
@@ -69,6 +72,8 @@ impl KvCache {
             let bytes = 2 * dims.kv_heads * capacity * dims.head_dim * size_of::<u16>();
             self.storage =
                 Some(memmap2::MmapMut::map_anon(bytes).map_err(candle_core::Error::wrap)?);
+            self.kv_heads = dims.kv_heads;
+            self.head_dim = dims.head_dim;
             self.capacity = capacity;
         }
         Ok(())
@@ -113,21 +118,32 @@ impl KvCache {
 }
 
 impl Clone for KvCache {
-    /// A cache of its own with the same positions: a fresh map with the written part copied.
+    /// A cache of its own with the same positions: a fresh map with only the written part
+    /// copied, so that the copy too is resident only as far as it is written.
     fn clone(&self) -> Self {
-        let mut copy = Self::default();
-        if let Some(map) = &self.storage {
-            // Failing to map leaves the copy empty; its first `attend` maps again or fails.
-            if let Ok(mut fresh) = memmap2::MmapMut::map_anon(map.len()) {
-                fresh.copy_from_slice(map);
-                copy = Self {
-                    storage: Some(fresh),
-                    capacity: self.capacity,
-                    len: self.len,
-                };
+        let Some(map) = &self.storage else {
+            return Self::default();
+        };
+        // Failing to map leaves the copy empty; its first `attend` maps again or fails.
+        let Ok(mut fresh) = memmap2::MmapMut::map_anon(map.len()) else {
+            return Self::default();
+        };
+        let (d, span) = (self.head_dim, self.capacity * self.head_dim);
+        let (from, to): (&[u16], &mut [u16]) = (
+            bytemuck::cast_slice(map),
+            bytemuck::cast_slice_mut(&mut fresh),
+        );
+        let written_keys = self.len.div_ceil(TILE) * TILE * d;
+        for h in 0..self.kv_heads {
+            for start in [h * span, (self.kv_heads + h) * span] {
+                let range = start..start + written_keys.min(span);
+                to[range.clone()].copy_from_slice(&from[range]);
             }
         }
-        copy
+        Self {
+            storage: Some(fresh),
+            ..*self
+        }
     }
 }
 
@@ -197,7 +213,7 @@ struct QueryBlock<'a> {
     first: usize,
 }
 
-/// Scratch of one task, reused across its blocks.
+/// Scratch of one block: its scores and one converted tile.
 #[derive(Default)]
 struct Scratch {
     scores: Vec<f32>,

@@ -65,32 +65,28 @@ impl KvCache {
             .map_or(&[], |map| bytemuck::cast_slice(map))
     }
 
-    /// Maps room for `capacity` positions of `dims` where none is mapped yet.
-    fn reserve(&mut self, dims: Dims, capacity: usize) -> Result<()> {
-        if self.storage.is_none() {
-            let capacity = capacity.next_multiple_of(TILE);
-            let bytes = 2 * dims.kv_heads * capacity * dims.head_dim * size_of::<u16>();
-            self.storage =
-                Some(memmap2::MmapMut::map_anon(bytes).map_err(candle_core::Error::wrap)?);
-            self.kv_heads = dims.kv_heads;
-            self.head_dim = dims.head_dim;
-            self.capacity = capacity;
-        }
-        Ok(())
-    }
-
-    /// Appends the rows of `k` and `v` (`kv_heads * head_dim` each), rounded to f16.
-    fn append(&mut self, dims: Dims, k: &[f32], v: &[f32]) {
+    /// Appends the rows of `k` and `v` (`kv_heads * head_dim` each), rounded to f16; the
+    /// first append maps room for `capacity` positions of `dims`.
+    fn append(&mut self, dims: Dims, capacity: usize, k: &[f32], v: &[f32]) -> Result<()> {
         let Dims {
             kv_heads,
             head_dim: d,
             ..
         } = dims;
+        let map = match &mut self.storage {
+            Some(map) => map,
+            storage @ None => {
+                let capacity = capacity.next_multiple_of(TILE);
+                let bytes = 2 * kv_heads * capacity * d * size_of::<u16>();
+                let map = memmap2::MmapMut::map_anon(bytes).map_err(candle_core::Error::wrap)?;
+                self.kv_heads = kv_heads;
+                self.head_dim = d;
+                self.capacity = capacity;
+                storage.insert(map)
+            }
+        };
         let span = self.capacity * d;
         let first = self.len;
-        let Some(map) = self.storage.as_mut() else {
-            return;
-        };
         let words: &mut [u16] = bytemuck::cast_slice_mut(map);
         let narrow = |x: f32| f16::from_f32(x).to_bits();
         for (t, (k_row, v_row)) in k
@@ -114,6 +110,7 @@ impl KvCache {
             }
         }
         self.len += k.len() / (kv_heads * d);
+        Ok(())
     }
 }
 
@@ -476,10 +473,9 @@ pub(crate) fn attend(
             "the CPU's attention takes heads of a multiple of {TILE} dimensions, not {head_dim}"
         );
     }
-    cache.reserve(dims, rotary.positions)?;
     rotate(q, heads, head_dim, rotary, position);
     rotate(k, kv_heads, head_dim, rotary, position);
-    cache.append(dims, k, v);
+    cache.append(dims, rotary.positions, k, v)?;
 
     let scale = 1.0 / (head_dim as f32).sqrt();
     let group = heads / kv_heads;

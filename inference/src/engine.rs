@@ -243,15 +243,8 @@ impl Engine {
             source,
         })?;
         let mapped = MappedFile::new(&file);
-        let header = match &mapped {
-            Some(mapped) => gguf::parse(mapped.as_bytes()),
-            None => gguf::read(&file),
-        }
-        .map_err(|source| InferenceError::Gguf {
-            path: path.clone(),
-            source,
-        })?;
-        let mut content = gguf::into_content(header)?;
+        let mut content =
+            gguf::read_content(&path, &file, mapped.as_ref().map(MappedFile::as_bytes))?;
         let mut reader = std::io::BufReader::new(file);
         // The tokenizer and chat template are built on a thread of their own from their
         // keys, taken out of the metadata, while the weights are packed.

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::io::BufReader;
+use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
 use candle_core::quantized::GgmlDType;
@@ -13,8 +14,22 @@ use nanofleet_artifact::gguf::{
 
 use crate::error::{InferenceError, Result};
 
+/// candle's `Content` of the GGUF file `file` (at `path`, for errors): its header parsed
+/// from `mapped` (the whole file in memory) where given, else read from the file's start.
+pub fn read_content(path: &Path, file: &std::fs::File, mapped: Option<&[u8]>) -> Result<Content> {
+    let header = match mapped {
+        Some(bytes) => parse(bytes),
+        None => read(file),
+    }
+    .map_err(|source| InferenceError::Gguf {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    into_content(header)
+}
+
 /// The header of a file held in memory whole (mapped), checked against the file's size.
-pub(crate) fn parse(file: &[u8]) -> std::result::Result<GgufHeader, GgufError> {
+fn parse(file: &[u8]) -> std::result::Result<GgufHeader, GgufError> {
     let header = match GgufHeader::parse_prefix(file, &Limits::default())? {
         ParseOutcome::Complete(header) => header,
         ParseOutcome::NeedMore { at_least } => {
@@ -29,14 +44,14 @@ pub(crate) fn parse(file: &[u8]) -> std::result::Result<GgufHeader, GgufError> {
 }
 
 /// The header of `file`, read from its start and checked against its size.
-pub(crate) fn read(file: &std::fs::File) -> std::result::Result<GgufHeader, GgufError> {
+fn read(file: &std::fs::File) -> std::result::Result<GgufHeader, GgufError> {
     let header = GgufHeader::read_from(BufReader::new(file), &Limits::default())?;
     header.validate_against_size(file.metadata()?.len())?;
     Ok(header)
 }
 
 /// candle's form of a parsed header, for its loaders.
-pub(crate) fn into_content(header: GgufHeader) -> Result<Content> {
+fn into_content(header: GgufHeader) -> Result<Content> {
     let magic = match header.version() {
         1 => VersionedMagic::GgufV1,
         2 => VersionedMagic::GgufV2,

@@ -23,7 +23,7 @@ mod cpu_attention;
 pub mod device;
 mod engine;
 mod error;
-mod gguf;
+pub mod gguf;
 pub mod lora;
 mod metadata;
 pub mod model;

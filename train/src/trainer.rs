@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
-use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use nanofleet_inference::lora::{LoraConfig, LoraTarget};
@@ -108,13 +107,7 @@ impl Trainer {
             path: gguf.to_path_buf(),
             source,
         })?;
-        let content =
-            gguf_file::Content::read(&mut std::io::BufReader::new(file)).map_err(|source| {
-                TrainError::Gguf {
-                    path: gguf.to_path_buf(),
-                    source,
-                }
-            })?;
+        let content = nanofleet_inference::gguf::read_content(gguf, &file, None)?;
         let text = ModelText::from_gguf_metadata(&content.metadata)?;
         let end_token = text
             .tokenizer

@@ -13,7 +13,7 @@ use candle_transformers::utils::{build_causal_mask, repeat_kv};
 
 use crate::cpu_attention;
 use crate::lora::{LoraAdapter, LoraDelta, LoraTarget};
-use crate::quant_linear::{MappedFile, QuantLinear};
+use crate::quant_linear::{MappedFile, MappedWeights, QuantLinear};
 
 /// Positions the rotary tables cover, as in candle's loader, so both enforce one context.
 pub(crate) const MAX_SEQ_LEN: usize = candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
@@ -167,6 +167,12 @@ impl AdaptedLlama {
             },
         };
 
+        // Our kernels' weights, packed from the mapped file all at once.
+        let mapped = match mapped {
+            Some(file) if device.is_cpu() => Some(MappedWeights::pack(file, &ct)?),
+            _ => None,
+        };
+        let mapped = mapped.as_ref();
         let table = QuantLinear::load(&ct, reader, mapped, "token_embd.weight", device)?;
         let embeddings = match &table {
             QuantLinear::Own(_) => TokenEmbedding::Quantized(table.clone()),

@@ -4,12 +4,15 @@
 //! product over all the prompt's rows.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Result, Shape, Tensor};
-use nanofleet_quant::{Format, KernelChoice, Pool, QuantMatrix, QuantizedActivations};
+use nanofleet_quant::{
+    Format, KernelChoice, MatrixSource, PackedRegion, Pool, QuantMatrix, QuantizedActivations,
+};
 
 /// A linear layer `y = x W^T` over quantized `W`.
 #[derive(Debug, Clone)]
@@ -19,19 +22,17 @@ pub(crate) enum QuantLinear {
 }
 
 impl QuantLinear {
-    /// Weight `name` of the GGUF file: packed for our kernels straight from `mapped` where
-    /// they apply, read through candle otherwise.
+    /// Weight `name` of the GGUF file: packed for our kernels (from `mapped`) where they
+    /// apply, read through candle otherwise.
     pub(crate) fn load<R: Read + Seek>(
         content: &gguf_file::Content,
         reader: &mut R,
-        mapped: Option<&MappedFile>,
+        mapped: Option<&MappedWeights>,
         name: &str,
         device: &Device,
     ) -> Result<Self> {
-        if let (Device::Cpu, Some(mapped)) = (device, mapped) {
-            if let Some(op) = CpuQuantMatMul::from_mapped(content, mapped, name)? {
-                return Ok(Self::Own(Arc::new(op)));
-            }
+        if let (Device::Cpu, Some(matrix)) = (device, mapped.and_then(|m| m.matrix(name))) {
+            return Ok(Self::Own(Arc::new(CpuQuantMatMul::from_matrix(matrix))));
         }
         let weight = content.tensor(reader, name, device)?;
         match (device, CpuQuantMatMul::new(&weight)?) {
@@ -107,37 +108,17 @@ impl CpuQuantMatMul {
         Self::from_blocks(format, rows, cols, &weight.data()?).map(Some)
     }
 
-    /// The op for weight `name` of a mapped GGUF file, packed from the mapped bytes, which
-    /// are then released; `None` where the kernels do not read the weight.
-    fn from_mapped(
-        content: &gguf_file::Content,
-        mapped: &MappedFile,
-        name: &str,
-    ) -> Result<Option<Self>> {
-        let Some(info) = content.tensor_infos.get(name) else {
-            candle_core::bail!("cannot find tensor info for {name}");
-        };
-        let Some((format, rows, cols)) = kernel_shape(info.ggml_dtype, &info.shape) else {
-            return Ok(None);
-        };
-        let start = usize::try_from(content.tensor_data_offset + info.offset)
-            .map_err(candle_core::Error::wrap)?;
-        let len = rows * cols / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-        let Some(bytes) = mapped.bytes(start, len) else {
-            candle_core::bail!("tensor {name} lies past the end of the file");
-        };
-        let op = Self::from_blocks(format, rows, cols, bytes)?;
-        mapped.release(start, len);
-        Ok(Some(op))
-    }
-
     fn from_blocks(format: Format, rows: usize, cols: usize, blocks: &[u8]) -> Result<Self> {
         let matrix = QuantMatrix::new(format, rows, cols, blocks, Pool::global())
             .map_err(candle_core::Error::wrap)?;
-        Ok(Self {
+        Ok(Self::from_matrix(matrix))
+    }
+
+    fn from_matrix(matrix: QuantMatrix) -> Self {
+        Self {
             matrix,
             kernel: KernelChoice::detect(),
-        })
+        }
     }
 
     /// (rows, cols): (out, in) of the layer.
@@ -187,6 +168,68 @@ impl MappedFile {
             self.0
                 .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
         };
+    }
+}
+
+/// The weights of a mapped GGUF file that the kernels read, packed into one region (so
+/// that they can sit on huge pages) as one run of tasks (so that the threads stay busy
+/// from the first to the last).
+pub(crate) struct MappedWeights {
+    matrices: HashMap<String, QuantMatrix>,
+}
+
+impl MappedWeights {
+    /// Packs every weight of `content` that the kernels read from `file`, letting go of
+    /// each one's pages of the file once it is packed, so that the file and its packed
+    /// copy are not resident together.
+    pub(crate) fn pack(file: &MappedFile, content: &gguf_file::Content) -> Result<Self> {
+        // (start in the file, length, name, blocks) of each.
+        let mut tensors = Vec::new();
+        for (name, info) in &content.tensor_infos {
+            let Some((format, rows, cols)) = kernel_shape(info.ggml_dtype, &info.shape) else {
+                continue;
+            };
+            let start = usize::try_from(content.tensor_data_offset + info.offset)
+                .map_err(candle_core::Error::wrap)?;
+            let len = rows * cols / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            let Some(data) = file.bytes(start, len) else {
+                candle_core::bail!("tensor {name} lies past the end of the file");
+            };
+            let source = MatrixSource {
+                format,
+                rows,
+                cols,
+                data,
+            };
+            tensors.push((start, len, name, source));
+        }
+        // In the file's order, so that its pages are read front to back.
+        tensors.sort_unstable_by_key(|&(start, ..)| start);
+        let sources: Vec<MatrixSource> = tensors.iter().map(|&(.., source)| source).collect();
+        let capacity = sources
+            .iter()
+            .map(|s| QuantMatrix::room(s.format, s.rows, s.cols))
+            .sum::<std::result::Result<usize, _>>()
+            .map_err(candle_core::Error::wrap)?;
+        let region = PackedRegion::new(capacity).map_err(candle_core::Error::wrap)?;
+        let release = |i: usize| {
+            let (start, len, ..) = tensors[i];
+            file.release(start, len);
+        };
+        let matrices = QuantMatrix::pack_all(&region, &sources, Pool::global(), &release)
+            .map_err(candle_core::Error::wrap)?;
+        Ok(Self {
+            matrices: tensors
+                .iter()
+                .map(|&(_, _, name, _)| name.clone())
+                .zip(matrices)
+                .collect(),
+        })
+    }
+
+    /// The packed weight `name`; `None` where the kernels do not read it.
+    fn matrix(&self, name: &str) -> Option<QuantMatrix> {
+        self.matrices.get(name).cloned()
     }
 }
 

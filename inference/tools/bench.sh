@@ -20,6 +20,9 @@
 #              separate `llama-completion -n 1` run: llama.cpp's own "load time", which runs from
 #              the start of model loading to the end of the first decode (its warm-up), i.e.
 #              model load + context creation + one tiny decode, when mmap'ed pages are touched.
+#   load time  the median of BENCH_LOAD_REPS fresh processes of each engine, taken in turn (one
+#              load varies by tens of percent on a shared machine): nanofleet's bench with a
+#              one-token prompt and generation, and llama-completion as above.
 #   ratios     nanofleet / llama.cpp for every row: above 1 is faster for tokens/s, slower or
 #              bigger for load time and RSS.
 # Speeds are means over REPS runs (± sample standard deviation). The load average is printed
@@ -32,7 +35,7 @@
 #
 # Usage: inference/tools/bench.sh [THREADS]
 #   env: NANOFLEET_TEST_GGUF (the Q4_1 file), BENCH_PROMPT (512), BENCH_GEN (128), BENCH_REPS (3),
-#        BENCH_NATIVE (0), CARGO_TARGET_DIR
+#        BENCH_LOAD_REPS (7), BENCH_NATIVE (0), CARGO_TARGET_DIR
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -40,6 +43,7 @@ threads="${1:-2}"
 n_prompt="${BENCH_PROMPT:-512}"
 n_gen="${BENCH_GEN:-128}"
 reps="${BENCH_REPS:-3}"
+load_reps="${BENCH_LOAD_REPS:-7}"
 native="${BENCH_NATIVE:-0}"
 q4_1="${NANOFLEET_TEST_GGUF:-$HOME/.cache/nanofleet/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 [[ -f "$q4_1" ]] || { echo "model $q4_1 not found: run deploy/fetch-model.sh first" >&2; exit 1; }
@@ -96,22 +100,31 @@ for file in "${files[@]}"; do
     "$bin/llama-bench" -m "$file" -p "$n_prompt" -n "$n_gen" -t "$threads" -r "$reps" -o json \
     >"$work/$name.llama.json" 2>/dev/null
   echo "{\"peak_rss_kb\": $(peak_rss_kb "$work/$name.llama.time")}" >"$work/$name.llama.rss.json"
-  echo "[$name] llama-completion (load time): load average $(load)"
-  "$bin/llama-completion" -m "$file" -p "Hi" -n 1 -t "$threads" -c "$((n_prompt + n_gen))" \
-    -no-cnv </dev/null 2>&1 >/dev/null |
-    sed -n 's/.*load time = *\([0-9.]*\) ms.*/{"load_ms": \1}/p' >"$work/$name.llama.load.json"
+  echo "[$name] load times, $load_reps runs of each engine in turn: load average $(load)"
+  for _ in $(seq "$load_reps"); do
+    for engine in "${engines[@]}"; do
+      "${engine#*:}" "$file" "$threads" 1 1 1 |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["load_s"])' >>"$work/$name.${engine%%:*}.load"
+    done
+    "$bin/llama-completion" -m "$file" -p "Hi" -n 1 -t "$threads" -c "$((n_prompt + n_gen))" \
+      -no-cnv </dev/null 2>&1 >/dev/null |
+      sed -n 's/.*load time = *\([0-9.]*\) ms.*/\1/p' | awk '{print $1 / 1000}' >>"$work/$name.llama.load"
+  done
 done
 echo "after the last measurement: load average $(load)"
 echo
 
 python3 - "$work" "$threads" "${files[@]}" -- "${engines[@]}" <<'PY'
-import json, os, sys
+import json, os, statistics, sys
 work, threads = sys.argv[1], sys.argv[2]
 rest = sys.argv[3:]
 files, engines = rest[:rest.index("--")], [e.split(":", 1)[0] for e in rest[rest.index("--") + 1:]]
 def read(path):
     with open(path) as f:
         return json.load(f)
+def median_load(path):
+    with open(path) as f:
+        return statistics.median(float(line) for line in f if line.strip())
 rows = []
 for file in files:
     name = os.path.basename(file)[:-len(".gguf")]
@@ -121,7 +134,7 @@ for file in files:
     theirs = {
         "gen": (tg["avg_ts"], tg["stddev_ts"]),
         "pp": (pp["avg_ts"], pp["stddev_ts"]),
-        "load": (read(f"{work}/{name}.llama.load.json")["load_ms"] / 1000, None),
+        "load": (median_load(f"{work}/{name}.llama.load"), None),
         "rss": (read(f"{work}/{name}.llama.rss.json")["peak_rss_kb"] / 1024, None),
     }
     for engine in engines:
@@ -129,7 +142,7 @@ for file in files:
         ours = {
             "gen": (ours_raw["tg_tps"], ours_raw["tg_sd"]),
             "pp": (ours_raw["pp_tps"], ours_raw["pp_sd"]),
-            "load": (ours_raw["load_s"], None),
+            "load": (median_load(f"{work}/{name}.{engine}.load"), None),
             "rss": (read(f"{work}/{name}.{engine}.rss.json")["peak_rss_kb"] / 1024, None),
         }
         gen_label = f"generation tok/s (tg{tg['n_gen']})"
@@ -138,7 +151,7 @@ for file in files:
         labels = {
             "gen": gen_label,
             "pp": f"prompt tok/s (pp{pp['n_prompt']})",
-            "load": "load time s",
+            "load": "load time s (median)",
             "rss": "peak RSS MiB",
         }
         for key in ["gen", "pp", "load", "rss"]:

@@ -4,8 +4,8 @@
 //! where the CPU has it (AVX2 with FMA and F16C on x86-64, with AVX-512 VNNI's byte dot
 //! products where present; NEON on aarch64), chosen once at run time, with a scalar path
 //! that every SIMD path is tested against. The weights are packed at load into panels of
-//! eight rows (`panels`), so that each SIMD step works on eight rows at once. Pure
-//! computation: no I/O.
+//! eight rows (`panels`), so that each SIMD step works on eight rows at once, a whole
+//! model's into one region of memory (`region`). Pure computation: no I/O.
 //!
 //! Block layouts (32 weights each, little-endian):
 //! - Q4_0: `d: f16`, 16 bytes of nibbles; weight `j` is the low nibble of byte `j` for
@@ -20,6 +20,7 @@ mod kernels;
 mod matrix;
 mod panels;
 mod pool;
+mod region;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -27,8 +28,9 @@ mod x86;
 use activations::ActivationRow;
 pub use activations::QuantizedActivations;
 pub use kernels::{Kernel, KernelChoice};
-pub use matrix::{QuantError, QuantMatrix};
+pub use matrix::{MatrixSource, QuantError, QuantMatrix};
 pub use pool::Pool;
+pub use region::PackedRegion;
 
 /// Elements per block, in every format here.
 pub const BLOCK: usize = 32;

@@ -2,8 +2,9 @@
 //! with quantized activations, split by panels over threads when the work is large
 //! enough to pay for them.
 
-use crate::panels::{self, panel_block_bytes, PANEL_ROWS};
-use crate::{Format, KernelChoice, Pool, QuantizedActivations, BLOCK};
+use crate::panels::{self, panel_block_bytes, PackJob, PANEL_ROWS};
+use crate::region::PackedBytes;
+use crate::{Format, KernelChoice, PackedRegion, Pool, QuantizedActivations, BLOCK};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum QuantError {
@@ -17,6 +18,10 @@ pub enum QuantError {
         expected: usize,
         got: usize,
     },
+    #[error("cannot map {bytes} bytes for packed weights: {reason}")]
+    Map { bytes: usize, reason: String },
+    #[error("the packed weights' region has {left} bytes left, a matrix needs {needed}")]
+    RegionFull { needed: usize, left: usize },
 }
 
 /// Blocks of work per band of a product; a product of fewer runs on the calling thread
@@ -27,28 +32,26 @@ const BLOCKS_PER_BAND: usize = 1024;
 /// all of them.
 const ROWS_PER_TILE: usize = 4;
 
-/// `rows` output features by `cols` input features, packed in panels (`panels`).
-#[derive(Debug, Clone)]
-pub struct QuantMatrix {
-    format: Format,
-    rows: usize,
-    cols: usize,
-    packed: Vec<u8>,
+/// A matrix to pack: `rows` by `cols` weights of `format`, as GGUF blocks (the file's
+/// bytes).
+#[derive(Debug, Clone, Copy)]
+pub struct MatrixSource<'a> {
+    pub format: Format,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
 }
 
-impl QuantMatrix {
-    /// The matrix of `rows` rows of GGUF blocks in `data` (as the file stores them),
-    /// packed into panels on `pool`.
-    pub fn new(
-        format: Format,
-        rows: usize,
-        cols: usize,
-        data: &[u8],
-        pool: &Pool,
-    ) -> Result<Self, QuantError> {
-        if !cols.is_multiple_of(BLOCK) {
-            return Err(QuantError::PartialBlock { cols });
-        }
+impl MatrixSource<'_> {
+    /// The bytes the matrix takes packed, once its data is known to be its blocks.
+    fn checked_packed_len(&self) -> Result<usize, QuantError> {
+        let Self {
+            format,
+            rows,
+            cols,
+            data,
+        } = *self;
+        let len = QuantMatrix::packed_len(format, rows, cols)?;
         let expected = rows * cols / BLOCK * format.block_bytes();
         if data.len() != expected {
             return Err(QuantError::WrongSize {
@@ -59,12 +62,88 @@ impl QuantMatrix {
                 got: data.len(),
             });
         }
-        Ok(Self {
+        Ok(len)
+    }
+}
+
+/// `rows` output features by `cols` input features, packed in panels (`panels`).
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    format: Format,
+    rows: usize,
+    cols: usize,
+    packed: PackedBytes,
+}
+
+impl QuantMatrix {
+    /// The bytes a matrix takes in a [`PackedRegion`]: its packed bytes and the padding
+    /// that aligns the next.
+    pub fn room(format: Format, rows: usize, cols: usize) -> Result<usize, QuantError> {
+        Ok(crate::region::room(Self::packed_len(format, rows, cols)?))
+    }
+
+    fn packed_len(format: Format, rows: usize, cols: usize) -> Result<usize, QuantError> {
+        if !cols.is_multiple_of(BLOCK) {
+            return Err(QuantError::PartialBlock { cols });
+        }
+        Ok(panels::packed_len(format, rows, cols))
+    }
+
+    /// The matrix of `rows` rows of GGUF blocks in `data` (as the file stores them),
+    /// packed into panels on `pool`, in memory of its own.
+    pub fn new(
+        format: Format,
+        rows: usize,
+        cols: usize,
+        data: &[u8],
+        pool: &Pool,
+    ) -> Result<Self, QuantError> {
+        let region = PackedRegion::new(Self::room(format, rows, cols)?)?;
+        let source = MatrixSource {
             format,
             rows,
             cols,
-            packed: panels::pack(format, rows, cols, data, pool),
-        })
+            data,
+        };
+        let mut packed = Self::pack_all(&region, &[source], pool, &|_| {})?;
+        Ok(packed.pop().expect("one matrix per source"))
+    }
+
+    /// Every matrix of `sources`, packed into the next bytes of `region` as one run of
+    /// tasks on `pool`; `packed(i)` runs once matrix `i` is done, when its source is no
+    /// longer read. Nothing is packed when a source is refused.
+    pub fn pack_all(
+        region: &PackedRegion,
+        sources: &[MatrixSource],
+        pool: &Pool,
+        packed: &(dyn Fn(usize) + Sync),
+    ) -> Result<Vec<Self>, QuantError> {
+        let mut claims = Vec::with_capacity(sources.len());
+        for source in sources {
+            claims.push(region.claim(source.checked_packed_len()?)?);
+        }
+        let jobs = sources
+            .iter()
+            .zip(claims.iter_mut())
+            .map(|(source, claim)| PackJob {
+                format: source.format,
+                rows: source.rows,
+                cols: source.cols,
+                data: source.data,
+                out: claim.bytes_mut(),
+            })
+            .collect();
+        panels::pack(jobs, pool, packed);
+        Ok(sources
+            .iter()
+            .zip(claims)
+            .map(|(source, claim)| Self {
+                format: source.format,
+                rows: source.rows,
+                cols: source.cols,
+                packed: claim.into_packed(),
+            })
+            .collect())
     }
 
     pub fn rows(&self) -> usize {
@@ -175,3 +254,64 @@ struct OutPtr(*mut f32);
 // SAFETY: see `panels_into`: bands write disjoint elements, and `Pool::run` returns only
 // when every band has finished.
 unsafe impl Sync for OutPtr {}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[test]
+    fn packing_many_at_once_packs_each_as_alone_and_tells_each_once() {
+        let shapes = [
+            (Format::Q8_0, 70, 64),
+            (Format::Q4_1, 600, 96),
+            (Format::Q4_0, 3, 32),
+            (Format::Q8_0, 0, 32),
+        ];
+        let data: Vec<Vec<u8>> = shapes
+            .iter()
+            .map(|&(format, rows, cols)| {
+                (0..rows * cols / BLOCK * format.block_bytes())
+                    // Small bytes, so that every f16 scale is finite.
+                    .map(|i| (i * 7 % 61) as u8)
+                    .collect()
+            })
+            .collect();
+        let sources: Vec<MatrixSource> = shapes
+            .iter()
+            .zip(&data)
+            .map(|(&(format, rows, cols), data)| MatrixSource {
+                format,
+                rows,
+                cols,
+                data,
+            })
+            .collect();
+        let room = shapes
+            .iter()
+            .map(|&(format, rows, cols)| QuantMatrix::room(format, rows, cols).unwrap())
+            .sum();
+        let region = PackedRegion::new(room).unwrap();
+        let told: Vec<AtomicUsize> = shapes.iter().map(|_| AtomicUsize::new(0)).collect();
+        let pool = Pool::new(2);
+        let packed = QuantMatrix::pack_all(&region, &sources, &pool, &|i| {
+            told[i].fetch_add(1, Ordering::Relaxed);
+        })
+        .unwrap();
+        assert!(told.iter().all(|count| count.load(Ordering::Relaxed) == 1));
+        for (matrix, source) in packed.iter().zip(&sources) {
+            let alone =
+                QuantMatrix::new(source.format, source.rows, source.cols, source.data, &pool)
+                    .unwrap();
+            assert_eq!(&matrix.packed[..], &alone.packed[..]);
+        }
+        // The region is full now, and a refused source packs nothing.
+        let told = AtomicUsize::new(0);
+        let refused = QuantMatrix::pack_all(&region, &sources[..1], &pool, &|_| {
+            told.fetch_add(1, Ordering::Relaxed);
+        });
+        assert!(matches!(refused, Err(QuantError::RegionFull { .. })));
+        assert_eq!(told.load(Ordering::Relaxed), 0);
+    }
+}

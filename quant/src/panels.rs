@@ -15,6 +15,7 @@
 //! A matrix whose rows are not a multiple of eight gets a last panel padded with zero
 //! rows.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::{Format, Pool, BLOCK};
@@ -78,27 +79,68 @@ fn gguf_block(format: Format, panel_block: &[u8], row: usize, out: &mut [u8]) {
     }
 }
 
-/// Rows of GGUF blocks (`rows` by `cols / 32` blocks of `format`) in the panel layout.
 /// Panels per task of a parallel [`pack`].
 const PANELS_PER_TASK: usize = 64;
 
-/// Rows of GGUF blocks (`rows` by `cols / 32` blocks of `format`) in the panel layout,
-/// packed on `pool`.
-pub(crate) fn pack(format: Format, rows: usize, cols: usize, data: &[u8], pool: &Pool) -> Vec<u8> {
-    let panel_bytes = cols / BLOCK * panel_block_bytes(format);
-    let mut out = vec![0u8; rows.div_ceil(PANEL_ROWS) * panel_bytes];
-    let tasks: Vec<Mutex<(usize, &mut [u8])>> = out
-        .chunks_mut(PANELS_PER_TASK * panel_bytes.max(1))
-        .enumerate()
-        .map(|(task, chunk)| Mutex::new((task * PANELS_PER_TASK, chunk)))
-        .collect();
+/// Bytes of a matrix of `rows` by `cols / 32` blocks of `format` in the panel layout.
+pub(crate) fn packed_len(format: Format, rows: usize, cols: usize) -> usize {
+    rows.div_ceil(PANEL_ROWS) * (cols / BLOCK) * panel_block_bytes(format)
+}
+
+/// A matrix to pack: `rows` by `cols / 32` GGUF blocks of `format` in `data`, into `out`
+/// ([`packed_len`] bytes).
+pub(crate) struct PackJob<'a> {
+    pub format: Format,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+    pub out: &'a mut [u8],
+}
+
+/// Every matrix of `jobs` in the panel layout, as one run of tasks on `pool`, so that its
+/// threads stay busy from the first matrix to the last; `packed(i)` runs once matrix `i`
+/// is done (on whichever thread finished it).
+pub(crate) fn pack(jobs: Vec<PackJob>, pool: &Pool, packed: &(dyn Fn(usize) + Sync)) {
+    let mut shapes = Vec::with_capacity(jobs.len());
+    let mut tasks: Vec<Mutex<(usize, usize, &mut [u8])>> = Vec::new();
+    for (index, job) in jobs.into_iter().enumerate() {
+        let PackJob {
+            format,
+            rows,
+            cols,
+            data,
+            out,
+        } = job;
+        assert_eq!(out.len(), packed_len(format, rows, cols));
+        let panel_bytes = cols / BLOCK * panel_block_bytes(format);
+        let first_task = tasks.len();
+        tasks.extend(
+            out.chunks_mut(PANELS_PER_TASK * panel_bytes.max(1))
+                .enumerate()
+                .map(|(task, chunk)| Mutex::new((index, task * PANELS_PER_TASK, chunk))),
+        );
+        shapes.push((
+            format,
+            rows,
+            cols,
+            data,
+            AtomicUsize::new(tasks.len() - first_task),
+        ));
+    }
+    for (index, shape) in shapes.iter().enumerate() {
+        if shape.4.load(Ordering::Relaxed) == 0 {
+            packed(index);
+        }
+    }
     pool.run(tasks.len(), &|task| {
         let mut task = tasks[task].lock().unwrap_or_else(|e| e.into_inner());
-        let (first_panel, ref mut chunk) = *task;
+        let (index, first_panel, ref mut chunk) = *task;
+        let (format, rows, cols, data, ref left) = shapes[index];
         pack_panels(format, rows, cols, data, first_panel, chunk);
+        if left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            packed(index);
+        }
     });
-    drop(tasks);
-    out
 }
 
 /// Panels `first_panel..` into `out` (whole panels).
@@ -110,43 +152,100 @@ fn pack_panels(
     first_panel: usize,
     out: &mut [u8],
 ) {
+    match format {
+        Format::Q4_0 => pack_panels_of::<18, 144>(format, rows, cols, data, first_panel, out),
+        Format::Q4_1 => pack_panels_of::<20, 160>(format, rows, cols, data, first_panel, out),
+        Format::Q8_0 => pack_panels_of::<34, 272>(format, rows, cols, data, first_panel, out),
+    }
+}
+
+/// [`pack_panels`] for blocks of `SIZE` bytes and panel blocks of `PANEL` bytes: with the
+/// sizes known, each block's moves compile to fixed offsets without bounds checks.
+fn pack_panels_of<const SIZE: usize, const PANEL: usize>(
+    format: Format,
+    rows: usize,
+    cols: usize,
+    data: &[u8],
+    first_panel: usize,
+    out: &mut [u8],
+) {
+    debug_assert_eq!(
+        (SIZE, PANEL),
+        (format.block_bytes(), panel_block_bytes(format))
+    );
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = is_x86_feature_detected!("avx2");
     let blocks = cols / BLOCK;
-    let size = format.block_bytes();
-    for (index, panel_block) in out.chunks_exact_mut(panel_block_bytes(format)).enumerate() {
-        let (panel, b) = (first_panel + index / blocks, index % blocks);
-        let (scales, weights) = panel_block.split_at_mut(scale_bytes(format));
-        for r in 0..PANEL_ROWS.min(rows - panel * PANEL_ROWS) {
-            let at = ((panel * PANEL_ROWS + r) * blocks + b) * size;
-            let block = &data[at..at + size];
-            scales[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
-            // Whole words at a time: four weights of one row per 32-bit word of the panel.
-            let word = |bytes: &[u8]| u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-            let mut put = |v: usize, value: u32| {
-                weights[v * 32 + r * 4..v * 32 + r * 4 + 4].copy_from_slice(&value.to_le_bytes());
+    let row_bytes = blocks * SIZE;
+    for (index, panel_out) in out.chunks_exact_mut(blocks * PANEL).enumerate() {
+        let first_row = (first_panel + index) * PANEL_ROWS;
+        let valid = PANEL_ROWS.min(rows - first_row);
+        let source = &data[first_row * row_bytes..(first_row + valid) * row_bytes];
+        for (b, panel_block) in panel_out.chunks_exact_mut(PANEL).enumerate() {
+            let panel_block: &mut [u8; PANEL] = panel_block.try_into().expect("PANEL bytes");
+            let block = |r: usize| -> &[u8; SIZE] {
+                let at = r * row_bytes + b * SIZE;
+                source[at..at + SIZE].try_into().expect("SIZE bytes")
             };
-            match format {
-                Format::Q8_0 => {
-                    let bias = u32::from_le_bytes([Q8_0_BIAS; 4]);
-                    for (v, four) in block[2..].chunks_exact(4).enumerate() {
-                        put(v, word(four) ^ bias);
-                    }
-                }
-                Format::Q4_0 | Format::Q4_1 => {
-                    if format == Format::Q4_1 {
-                        scales[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&block[2..4]);
-                    }
-                    // Byte j holds weights j (low nibble) and j + 16 (high); vector v of
-                    // the panel takes weights 8v..8v+4 in its low nibbles and 8v+4..8v+8
-                    // in its high ones.
-                    let nibbles = &block[size - BLOCK / 2..];
-                    let [a, b, c, e] = [0, 4, 8, 12].map(|at| word(&nibbles[at..]));
-                    const LOW: u32 = 0x0F0F_0F0F;
-                    put(0, (a & LOW) | (b & LOW) << 4);
-                    put(1, (c & LOW) | (e & LOW) << 4);
-                    put(2, (a >> 4 & LOW) | (b & !LOW));
-                    put(3, (c >> 4 & LOW) | (e & !LOW));
-                }
+            #[cfg(target_arch = "x86_64")]
+            if avx2 && valid == PANEL_ROWS {
+                // SAFETY: the CPU has AVX2.
+                unsafe {
+                    crate::x86::pack_panel_block(format, std::array::from_fn(block), panel_block)
+                };
+                continue;
             }
+            // Built on the stack and stored whole, so that the fresh destination is written
+            // in full lines; rows past the matrix's last (a last panel's padding) stay zero.
+            let mut built = [0u8; PANEL];
+            for r in 0..valid {
+                pack_block(format, block(r), r, &mut built);
+            }
+            *panel_block = built;
+        }
+    }
+}
+
+/// GGUF block `block` as row `r` of `panel_block`.
+#[inline(always)]
+fn pack_block<const SIZE: usize, const PANEL: usize>(
+    format: Format,
+    block: &[u8; SIZE],
+    r: usize,
+    panel_block: &mut [u8; PANEL],
+) {
+    let (scales, weights) = panel_block.split_at_mut(scale_bytes(format));
+    scales[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
+    // Whole words at a time: four weights of one row per 32-bit word of the panel.
+    let word = |at: usize| u32::from_le_bytes(block[at..at + 4].try_into().expect("4 bytes"));
+    let mut put = |v: usize, value: u32| {
+        weights[v * 32 + r * 4..v * 32 + r * 4 + 4].copy_from_slice(&value.to_le_bytes());
+    };
+    match format {
+        Format::Q8_0 => {
+            let bias = u32::from_le_bytes([Q8_0_BIAS; 4]);
+            for v in 0..BLOCK / 4 {
+                put(v, word(2 + 4 * v) ^ bias);
+            }
+        }
+        Format::Q4_0 | Format::Q4_1 => {
+            if format == Format::Q4_1 {
+                scales[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&block[2..4]);
+            }
+            // Byte j holds weights j (low nibble) and j + 16 (high); vector v of the panel
+            // takes weights 8v..8v+4 in its low nibbles and 8v+4..8v+8 in its high ones.
+            let nibbles = SIZE - BLOCK / 2;
+            let (a, b, c, e) = (
+                word(nibbles),
+                word(nibbles + 4),
+                word(nibbles + 8),
+                word(nibbles + 12),
+            );
+            const LOW: u32 = 0x0F0F_0F0F;
+            put(0, (a & LOW) | (b & LOW) << 4);
+            put(1, (c & LOW) | (e & LOW) << 4);
+            put(2, (a >> 4 & LOW) | (b & !LOW));
+            put(3, (c >> 4 & LOW) | (e & !LOW));
         }
     }
 }
@@ -183,7 +282,8 @@ mod tests {
             blocks in 1usize..5,
             seed in any::<u64>(),
         ) {
-            let len = rows * blocks * format.block_bytes();
+            let row_bytes = blocks * format.block_bytes();
+            let len = rows * row_bytes;
             let mut state = seed;
             let data: Vec<u8> = (0..len)
                 .map(|_| {
@@ -191,18 +291,66 @@ mod tests {
                     (state >> 56) as u8
                 })
                 .collect();
-            let packed = pack(format, rows, blocks * BLOCK, &data, &Pool::new(3));
-            prop_assert_eq!(
-                packed.len(),
-                rows.div_ceil(PANEL_ROWS) * blocks * panel_block_bytes(format)
-            );
-            let row_bytes = blocks * format.block_bytes();
+            // Filled with a byte that no padding holds, to see the padding written.
+            let mut packed = vec![0xA5; packed_len(format, rows, blocks * BLOCK)];
+            let job = PackJob {
+                format,
+                rows,
+                cols: blocks * BLOCK,
+                data: &data,
+                out: &mut packed,
+            };
+            pack(vec![job], &Pool::new(3), &|_| {});
+            let zeros = vec![0; packed.len()];
+            for padding_row in rows..rows.div_ceil(PANEL_ROWS) * PANEL_ROWS {
+                prop_assert_eq!(
+                    unpack_row(format, &packed, blocks, padding_row),
+                    unpack_row(format, &zeros, blocks, padding_row)
+                );
+            }
             for row in 0..rows {
                 prop_assert_eq!(
                     unpack_row(format, &packed, blocks, row),
                     data[row * row_bytes..(row + 1) * row_bytes].to_vec()
                 );
             }
+        }
+
+        /// The AVX2 packing of a full panel block equals the scalar one, for every format.
+        #[cfg(target_arch = "x86_64")]
+        #[test]
+        fn simd_packing_equals_scalar(seed in any::<u64>()) {
+            if !is_x86_feature_detected!("avx2") {
+                return Ok(());
+            }
+            let mut state = seed;
+            let mut byte = || {
+                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                (state >> 56) as u8
+            };
+            fn both<const SIZE: usize, const PANEL: usize>(
+                format: Format,
+                byte: &mut impl FnMut() -> u8,
+            ) -> ([u8; PANEL], [u8; PANEL]) {
+                let blocks: [[u8; SIZE]; PANEL_ROWS] =
+                    std::array::from_fn(|_| std::array::from_fn(|_| byte()));
+                let mut scalar = [0u8; PANEL];
+                for (r, block) in blocks.iter().enumerate() {
+                    pack_block(format, block, r, &mut scalar);
+                }
+                let mut simd = [0u8; PANEL];
+                // SAFETY: the CPU has AVX2 (checked above).
+                unsafe {
+                    crate::x86::pack_panel_block(format, std::array::from_fn(|r| &blocks[r]), &mut simd)
+                };
+                (scalar, simd)
+            }
+            let (a, b) = both::<18, 144>(Format::Q4_0, &mut byte);
+            prop_assert_eq!(a, b);
+            let (a, b) = both::<20, 160>(Format::Q4_1, &mut byte);
+            prop_assert_eq!(a, b);
+            let (a, b) = both::<34, 272>(Format::Q8_0, &mut byte);
+            prop_assert_eq!(a, b);
         }
     }
 }

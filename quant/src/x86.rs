@@ -224,3 +224,109 @@ pub unsafe fn quantize_block(x: &[f32], out: &mut [i8]) -> (f32, i32) {
     let sum = _mm_add_epi32(pair, _mm_shuffle_epi32(pair, 0b10_11_00_01));
     (d, _mm_cvtsi128_si32(sum))
 }
+
+/// The eight rows' GGUF blocks `blocks` of a full panel as one panel block (`panels`'
+/// layout) in `out`: the scales gathered, and the weights' 32-bit words transposed, eight
+/// by eight for Q8_0 (with its bias) and four by eight for the 4-bit formats (after
+/// regrouping each row's nibbles).
+/// Safety: the CPU has AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn pack_panel_block<const SIZE: usize, const PANEL: usize>(
+    format: Format,
+    blocks: [&[u8; SIZE]; PANEL_ROWS],
+    out: &mut [u8; PANEL],
+) {
+    debug_assert_eq!(
+        (SIZE, PANEL),
+        (format.block_bytes(), panel_block_bytes(format))
+    );
+    for (r, block) in blocks.iter().enumerate() {
+        out[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
+        if format == Format::Q4_1 {
+            out[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&block[2..4]);
+        }
+    }
+    let weights = out[scale_bytes(format)..].as_mut_ptr().cast::<__m256i>();
+    match format {
+        Format::Q8_0 => {
+            // Row r's words v = 0..8 in vector r; after the transpose vector v holds word v
+            // of rows 0..8.
+            let rows = blocks.map(|block| _mm256_loadu_si256(block[2..].as_ptr().cast()));
+            let bias = _mm256_set1_epi8(crate::panels::Q8_0_BIAS as i8);
+            for (v, vector) in transpose_8x8(rows).into_iter().enumerate() {
+                _mm256_storeu_si256(weights.add(v), _mm256_xor_si256(vector, bias));
+            }
+        }
+        Format::Q4_0 | Format::Q4_1 => {
+            // Rows r and r + 4 in the two halves of vector r; each row's four nibble words
+            // a, b, c, e become the panel's words p0..p3 (see `panels::pack_block`):
+            // p0 = a.lo | b.lo << 4, p1 = c.lo | e.lo << 4, p2 = a.hi | b.hi << 4,
+            // p3 = c.hi | e.hi << 4, where .lo and .hi are each byte's low and high nibble.
+            let nibbles = |r: usize| _mm_loadu_si128(blocks[r][SIZE - BLOCK / 2..].as_ptr().cast());
+            let low = _mm256_set1_epi8(0x0F);
+            let rows: [__m256i; 4] = std::array::from_fn(|r| {
+                let x = _mm256_set_m128i(nibbles(r + 4), nibbles(r));
+                let lo = _mm256_castsi256_ps(_mm256_and_si256(x, low));
+                let hi = _mm256_castsi256_ps(_mm256_and_si256(_mm256_srli_epi16(x, 4), low));
+                // [a.lo, c.lo, a.hi, c.hi] and [b.lo, e.lo, b.hi, e.hi] in each half.
+                let even = _mm256_castps_si256(_mm256_shuffle_ps(lo, hi, 0x88));
+                let odd = _mm256_castps_si256(_mm256_shuffle_ps(lo, hi, 0xDD));
+                _mm256_or_si256(even, _mm256_slli_epi32(odd, 4))
+            });
+            // Words p0 of rows 0, 1 (and 4, 5), then p1 of them; p2 and p3; likewise for
+            // rows 2, 3 (and 6, 7).
+            let t0 = _mm256_unpacklo_epi32(rows[0], rows[1]);
+            let t1 = _mm256_unpackhi_epi32(rows[0], rows[1]);
+            let t2 = _mm256_unpacklo_epi32(rows[2], rows[3]);
+            let t3 = _mm256_unpackhi_epi32(rows[2], rows[3]);
+            // Halves hold rows 0..4 and 4..8: exactly a panel vector's order.
+            let vectors = [
+                _mm256_unpacklo_epi64(t0, t2),
+                _mm256_unpackhi_epi64(t0, t2),
+                _mm256_unpacklo_epi64(t1, t3),
+                _mm256_unpackhi_epi64(t1, t3),
+            ];
+            for (v, vector) in vectors.into_iter().enumerate() {
+                _mm256_storeu_si256(weights.add(v), vector);
+            }
+        }
+    }
+}
+
+/// Vector `v` of the result holds 32-bit word `v` of each of `rows`, in order.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn transpose_8x8(rows: [__m256i; 8]) -> [__m256i; 8] {
+    let pairs: [__m256i; 8] = std::array::from_fn(|i| {
+        let (a, b) = (
+            rows[i / 4 * 4 + i % 4 / 2 * 2],
+            rows[i / 4 * 4 + i % 4 / 2 * 2 + 1],
+        );
+        if i % 2 == 0 {
+            _mm256_unpacklo_epi32(a, b)
+        } else {
+            _mm256_unpackhi_epi32(a, b)
+        }
+    });
+    // pairs: rows (0,1) lo, hi; rows (2,3) lo, hi; rows (4,5) ...; (6,7) ...
+    let quads = |p: usize| {
+        let (lo, hi) = (pairs[p], pairs[p + 1]);
+        let (lo2, hi2) = (pairs[p + 2], pairs[p + 3]);
+        [
+            _mm256_unpacklo_epi64(lo, lo2),
+            _mm256_unpackhi_epi64(lo, lo2),
+            _mm256_unpacklo_epi64(hi, hi2),
+            _mm256_unpackhi_epi64(hi, hi2),
+        ]
+    };
+    // Words 0..4 (low halves: 0..4, high halves: 4..8) of rows 0..4, then of rows 4..8.
+    let (first, second) = (quads(0), quads(4));
+    std::array::from_fn(|v| {
+        let (a, b) = (first[v % 4], second[v % 4]);
+        if v < 4 {
+            _mm256_permute2x128_si256(a, b, 0x20)
+        } else {
+            _mm256_permute2x128_si256(a, b, 0x31)
+        }
+    })
+}

@@ -1,7 +1,8 @@
 //! Linear layers over quantized weights: nanofleet's own kernels (`nanofleet-quant`) on
 //! the CPU for the formats they cover (Q4_0, Q4_1, Q8_0), packed straight from the mapped
-//! GGUF file; candle's `QMatMul` otherwise (other formats, GPUs). Prefill runs as one
-//! product over all the prompt's rows.
+//! GGUF file (a Q8_0 token embedding table is read in place there); candle's `QMatMul`
+//! otherwise (other formats, GPUs). Prefill runs as one product over all the prompt's
+//! rows.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -139,14 +140,19 @@ impl CpuQuantMatMul {
 
 /// A GGUF file mapped read-only into memory, so that weights are packed from the page
 /// cache without first being copied into a buffer of their own.
-pub(crate) struct MappedFile(memmap2::Mmap);
+#[derive(Debug, Clone)]
+pub(crate) struct MappedFile(Arc<memmap2::Mmap>);
 
 impl MappedFile {
     /// `None` where the file cannot be mapped (the weights are then read instead).
     pub(crate) fn new(file: &std::fs::File) -> Option<Self> {
-        // SAFETY: the map is read-only and private; a file changed under it while weights
-        // are packed gives wrong weights, not unsoundness in what is kept (the packed copy).
-        unsafe { memmap2::Mmap::map(file) }.ok().map(Self)
+        // SAFETY: the map is read-only and private, and kept while a token embedding
+        // table is read from it. Changing the file in place under it would change those
+        // bytes (cutting it short would fault), as under llama.cpp's mapped weights; the
+        // agent never does: it writes each model to a new file and renames it into place.
+        unsafe { memmap2::Mmap::map(file) }
+            .ok()
+            .map(|map| Self(Arc::new(map)))
     }
 
     pub(crate) fn as_bytes(&self) -> &[u8] {
@@ -171,20 +177,41 @@ impl MappedFile {
     }
 }
 
-/// The weights of a mapped GGUF file that the kernels read, packed into one region (so
+/// A tensor's bytes in a mapped file, which it keeps mapped.
+#[derive(Debug)]
+struct TensorBytes {
+    file: MappedFile,
+    start: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for TensorBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.file.0[self.start..self.start + self.len]
+    }
+}
+
+/// The weights of a mapped GGUF file that the kernels read: packed into one region (so
 /// that they can sit on huge pages) as one run of tasks (so that the threads stay busy
-/// from the first to the last).
+/// from the first to the last), except a Q8_0 token embedding table, which is read where
+/// it lies (its only product is one row's logits, which gains little from panels).
 pub(crate) struct MappedWeights {
     matrices: HashMap<String, QuantMatrix>,
 }
 
 impl MappedWeights {
     /// Packs every weight of `content` that the kernels read from `file`, letting go of
-    /// each one's pages of the file once it is packed, so that the file and its packed
-    /// copy are not resident together.
+    /// the header's pages and of each weight's once it is packed, so that the file and
+    /// its packed copy are not resident together.
     pub(crate) fn pack(file: &MappedFile, content: &gguf_file::Content) -> Result<Self> {
-        // (start in the file, length, name, blocks) of each.
+        // The header was parsed into `content`; the map is kept (for a table read in
+        // place), its pages need not be.
+        if let Ok(header) = usize::try_from(content.tensor_data_offset) {
+            file.release(0, header);
+        }
+        // (start in the file, length, name, blocks) of each to pack.
         let mut tensors = Vec::new();
+        let mut matrices = HashMap::new();
         for (name, info) in &content.tensor_infos {
             let Some((format, rows, cols)) = kernel_shape(info.ggml_dtype, &info.shape) else {
                 continue;
@@ -195,6 +222,17 @@ impl MappedWeights {
             let Some(data) = file.bytes(start, len) else {
                 candle_core::bail!("tensor {name} lies past the end of the file");
             };
+            if name == "token_embd.weight" && format == Format::Q8_0 {
+                let bytes = Arc::new(TensorBytes {
+                    file: file.clone(),
+                    start,
+                    len,
+                });
+                let matrix = QuantMatrix::in_place(format, rows, cols, bytes)
+                    .map_err(candle_core::Error::wrap)?;
+                matrices.insert(name.clone(), matrix);
+                continue;
+            }
             let source = MatrixSource {
                 format,
                 rows,
@@ -216,15 +254,15 @@ impl MappedWeights {
             let (start, len, ..) = tensors[i];
             file.release(start, len);
         };
-        let matrices = QuantMatrix::pack_all(&region, &sources, Pool::global(), &release)
+        let packed = QuantMatrix::pack_all(&region, &sources, Pool::global(), &release)
             .map_err(candle_core::Error::wrap)?;
-        Ok(Self {
-            matrices: tensors
+        matrices.extend(
+            tensors
                 .iter()
                 .map(|&(_, _, name, _)| name.clone())
-                .zip(matrices)
-                .collect(),
-        })
+                .zip(packed),
+        );
+        Ok(Self { matrices })
     }
 
     /// The packed weight `name`; `None` where the kernels do not read it.

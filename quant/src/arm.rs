@@ -105,3 +105,26 @@ pub unsafe fn panel_product<const R: usize>(
         out
     })
 }
+
+/// One Q8_0 weight row, as the GGUF file stores it (whole 34-byte blocks, as many as
+/// `x` has per row), times activation row `x`: products widened to 16 bits (a pair of
+/// them fits), pairwise added to 32.
+///
+/// # Safety
+/// The CPU must have NEON; `w` holds `x.q.len() / 32` blocks.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn row_dot_q8_0(w: &[u8], x: crate::ActivationRow) -> f32 {
+    let mut acc = vdupq_n_f32(0.0);
+    for (b, block) in w.chunks_exact(Format::Q8_0.block_bytes()).enumerate() {
+        let mut sums = vdupq_n_s32(0);
+        for h in 0..2 {
+            let weights = vld1q_s8(block[2 + 16 * h..].as_ptr().cast());
+            let values = vld1q_s8(x.q[b * BLOCK + 16 * h..].as_ptr());
+            let pairs = vmull_s8(vget_low_s8(weights), vget_low_s8(values));
+            sums = vpadalq_s16(sums, vmlal_high_s8(pairs, weights, values));
+        }
+        let scale = f16::from_le_bytes([block[0], block[1]]).to_f32() * x.d[b];
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(sums), scale);
+    }
+    vaddvq_f32(acc)
+}

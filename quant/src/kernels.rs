@@ -108,10 +108,42 @@ impl KernelChoice {
     }
 }
 
+impl KernelChoice {
+    /// One weight row as the GGUF file stores it (whole blocks of `format`) times
+    /// activation row `m` of `x`: SIMD for Q8_0, the matrices read in place; the scalar
+    /// reference otherwise.
+    pub(crate) fn row_dot(
+        self,
+        format: Format,
+        w: &[u8],
+        x: &QuantizedActivations,
+        m: usize,
+    ) -> f32 {
+        assert_eq!(
+            w.len(),
+            x.cols / BLOCK * format.block_bytes(),
+            "the weight row and the activation rows differ in length"
+        );
+        let row = x.row(m);
+        match (self.0, format) {
+            // SAFETY (both): `new` checked the CPU features; the length was checked above.
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx2 | Kernel::Avx512Vnni, Format::Q8_0) => unsafe {
+                crate::x86::row_dot_q8_0(w, row)
+            },
+            #[cfg(target_arch = "aarch64")]
+            (Kernel::Neon, Format::Q8_0) => unsafe { crate::arm::row_dot_q8_0(w, row) },
+            _ => scalar::dot(format, w, row.q, row.d, row.s),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
-    use crate::{Pool, QuantMatrix};
+    use crate::{Pool, QuantError, QuantMatrix};
     use proptest::prelude::*;
 
     /// Random well-formed blocks of `format`: scales (and minimums) as f16 in +-0.25.
@@ -160,11 +192,18 @@ mod tests {
         #[test]
         fn every_kernel_equals_the_scalar_reference((format, rows, m, w, x) in product()) {
             let cols = x.len() / m;
-            let matrix = QuantMatrix::new(format, rows, cols, &w, &Pool::new(1)).unwrap();
+            let mut matrices = vec![QuantMatrix::new(format, rows, cols, &w, &Pool::new(1)).unwrap()];
+            if format == Format::Q8_0 {
+                // Q8_0 is also read in place, through the row products.
+                matrices.push(QuantMatrix::in_place(format, rows, cols, Arc::new(w.clone())).unwrap());
+            }
             let acts = QuantizedActivations::quantize(KernelChoice::detect(), &x, m, cols);
             let row_bytes = w.len() / rows;
             let mut dequantized = vec![0f32; cols];
-            for kernel in KernelChoice::available() {
+            for (kernel, matrix) in KernelChoice::available()
+                .into_iter()
+                .flat_map(|kernel| matrices.iter().map(move |matrix| (kernel, matrix)))
+            {
                 let mut out = vec![0f32; m * rows];
                 matrix.matmul(kernel, &acts, &mut out, &Pool::new(1));
                 for n in 0..rows {
@@ -282,6 +321,20 @@ mod tests {
                 ..
             })
         ));
+        assert!(matches!(
+            QuantMatrix::in_place(Format::Q8_0, 2, 64, Arc::new(vec![0u8; 135])),
+            Err(QuantError::WrongSize {
+                expected: 136,
+                got: 135,
+                ..
+            })
+        ));
+        assert_eq!(
+            QuantMatrix::in_place(Format::Q4_1, 2, 64, Arc::new(vec![0u8; 80])).unwrap_err(),
+            QuantError::NotInPlace {
+                format: Format::Q4_1
+            }
+        );
     }
 
     #[test]
@@ -297,9 +350,18 @@ mod tests {
                     }
                 })
                 .collect();
-            let matrix = QuantMatrix::new(format, rows, cols, &data, &Pool::new(2)).unwrap();
+            let mut matrices =
+                vec![QuantMatrix::new(format, rows, cols, &data, &Pool::new(2)).unwrap()];
+            if format == Format::Q8_0 {
+                matrices.push(
+                    QuantMatrix::in_place(format, rows, cols, Arc::new(data.clone())).unwrap(),
+                );
+            }
             let row_bytes = data.len() / rows;
-            for row in [0, 7, 8, 10] {
+            for (matrix, row) in matrices
+                .iter()
+                .flat_map(|m| [0, 7, 8, 10].map(|row| (m, row)))
+            {
                 let mut expected = vec![0f32; cols];
                 scalar::dequantize(
                     format,

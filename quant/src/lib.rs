@@ -28,7 +28,7 @@ mod x86;
 use activations::ActivationRow;
 pub use activations::QuantizedActivations;
 pub use kernels::{Kernel, KernelChoice};
-pub use matrix::{MatrixSource, QuantError, QuantMatrix};
+pub use matrix::{MatrixSource, QuantError, QuantMatrix, RowBytes};
 pub use pool::Pool;
 pub use region::PackedRegion;
 

@@ -2,6 +2,8 @@
 //! with quantized activations, split by panels over threads when the work is large
 //! enough to pay for them.
 
+use std::sync::Arc;
+
 use crate::panels::{self, panel_block_bytes, PackJob, PANEL_ROWS};
 use crate::region::PackedBytes;
 use crate::{Format, KernelChoice, PackedRegion, Pool, QuantizedActivations, BLOCK};
@@ -22,6 +24,8 @@ pub enum QuantError {
     Map { bytes: usize, reason: String },
     #[error("the packed weights' region has {left} bytes left, a matrix needs {needed}")]
     RegionFull { needed: usize, left: usize },
+    #[error("{format:?} matrices are packed, not read in place (only Q8_0 is)")]
+    NotInPlace { format: Format },
 }
 
 /// Blocks of work per band of a product; a product of fewer runs on the calling thread
@@ -66,13 +70,27 @@ impl MatrixSource<'_> {
     }
 }
 
-/// `rows` output features by `cols` input features, packed in panels (`panels`).
+/// Bytes a matrix reads in place: the GGUF file's own rows, kept mapped by their owner.
+pub trait RowBytes: AsRef<[u8]> + Send + Sync + std::fmt::Debug {}
+
+impl<T: AsRef<[u8]> + Send + Sync + std::fmt::Debug> RowBytes for T {}
+
+/// `rows` output features by `cols` input features: packed in panels (`panels`), or the
+/// file's rows read in place.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
     format: Format,
     rows: usize,
     cols: usize,
-    packed: PackedBytes,
+    layout: Layout,
+}
+
+#[derive(Debug, Clone)]
+enum Layout {
+    Panels(PackedBytes),
+    /// GGUF rows of Q8_0 blocks, where packing costs a load more than it gains: a token
+    /// embedding table, whose only product is one row's logits.
+    Rows(Arc<dyn RowBytes>),
 }
 
 impl QuantMatrix {
@@ -141,9 +159,35 @@ impl QuantMatrix {
                 format: source.format,
                 rows: source.rows,
                 cols: source.cols,
-                packed: claim.into_packed(),
+                layout: Layout::Panels(claim.into_packed()),
             })
             .collect())
+    }
+
+    /// The Q8_0 matrix of `rows` GGUF rows in `data`, read where it lies (no copy): its
+    /// products take one weight row at a time ([`KernelChoice`]'s row products).
+    pub fn in_place(
+        format: Format,
+        rows: usize,
+        cols: usize,
+        data: Arc<dyn RowBytes>,
+    ) -> Result<Self, QuantError> {
+        if format != Format::Q8_0 {
+            return Err(QuantError::NotInPlace { format });
+        }
+        let source = MatrixSource {
+            format,
+            rows,
+            cols,
+            data: (*data).as_ref(),
+        };
+        source.checked_packed_len()?;
+        Ok(Self {
+            format,
+            rows,
+            cols,
+            layout: Layout::Rows(data),
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -152,6 +196,12 @@ impl QuantMatrix {
 
     pub fn cols(&self) -> usize {
         self.cols
+    }
+
+    /// GGUF row `row` of a matrix read in place.
+    fn gguf_row<'a>(&self, data: &'a Arc<dyn RowBytes>, row: usize) -> &'a [u8] {
+        let row_bytes = self.cols / BLOCK * self.format.block_bytes();
+        &(**data).as_ref()[row * row_bytes..(row + 1) * row_bytes]
     }
 
     fn panel_bytes(&self) -> usize {
@@ -165,8 +215,15 @@ impl QuantMatrix {
     /// The f32 values of weight row `row` (an embedding lookup).
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         assert!(row < self.rows, "row {row} of {}", self.rows);
-        let gguf = panels::unpack_row(self.format, &self.packed, self.cols / BLOCK, row);
-        crate::scalar::dequantize(self.format, &gguf, out);
+        match &self.layout {
+            Layout::Panels(packed) => {
+                let gguf = panels::unpack_row(self.format, packed, self.cols / BLOCK, row);
+                crate::scalar::dequantize(self.format, &gguf, out);
+            }
+            Layout::Rows(data) => {
+                crate::scalar::dequantize(self.format, self.gguf_row(data, row), out)
+            }
+        }
     }
 
     /// `out[m * rows + n] = x[m] . w[n]` for every activation row `m` and weight row `n`,
@@ -187,30 +244,62 @@ impl QuantMatrix {
             x.rows * self.rows,
             "output is activation rows x weight rows"
         );
-        let panels = self.panels();
+        // Bands of panels, or of rows for a matrix read in place.
+        let units = match self.layout {
+            Layout::Panels(_) => self.panels(),
+            Layout::Rows(_) => self.rows,
+        };
+        let band_into = |units: std::ops::Range<usize>, out: *mut f32| match &self.layout {
+            Layout::Panels(packed) => self.panels_into(kernel, packed, x, units, out),
+            Layout::Rows(data) => self.rows_into(kernel, data, x, units, out),
+        };
         let work = x.rows * self.rows * (self.cols / BLOCK);
         if work < BLOCKS_PER_BAND || pool.threads() == 1 {
-            self.panels_into(kernel, x, 0..panels, out.as_mut_ptr());
+            band_into(0..units, out.as_mut_ptr());
             return;
         }
         // A few bands per thread, so that a thread that starts late still finds work.
         let bands = (work / BLOCKS_PER_BAND)
             .clamp(1, pool.threads() * 4)
-            .min(panels);
-        let per_band = panels.div_ceil(bands);
+            .min(units);
+        let per_band = units.div_ceil(bands);
         let out = OutPtr(out.as_mut_ptr());
         pool.run(bands, &|band| {
-            let start = (band * per_band).min(panels);
-            let end = ((band + 1) * per_band).min(panels);
+            let start = (band * per_band).min(units);
+            let end = ((band + 1) * per_band).min(units);
             let out = &out;
-            self.panels_into(kernel, x, start..end, out.0);
+            band_into(start..end, out.0);
         });
+    }
+
+    /// Weight rows `rows` of a matrix read in place against every activation row, into
+    /// `out[m * self.rows + n]`.
+    fn rows_into(
+        &self,
+        kernel: KernelChoice,
+        data: &Arc<dyn RowBytes>,
+        x: &QuantizedActivations,
+        rows: std::ops::Range<usize>,
+        out: *mut f32,
+    ) {
+        assert!(rows.end <= self.rows);
+        for n in rows {
+            let weights = self.gguf_row(data, n);
+            for m in 0..x.rows {
+                let value = kernel.row_dot(self.format, weights, x, m);
+                // SAFETY: `n < self.rows` and `m < x.rows`, and `matmul` checked that
+                // `out` holds `x.rows * self.rows` values; bands are disjoint ranges of
+                // rows, so no two tasks write one value.
+                unsafe { out.add(m * self.rows + n).write(value) };
+            }
+        }
     }
 
     /// Panels `panels` against every activation row, into `out[m * self.rows + n]`.
     fn panels_into(
         &self,
         kernel: KernelChoice,
+        packed: &PackedBytes,
         x: &QuantizedActivations,
         panels: std::ops::Range<usize>,
         out: *mut f32,
@@ -218,7 +307,7 @@ impl QuantMatrix {
         assert!(panels.end <= self.panels());
         let tiled = x.rows / ROWS_PER_TILE * ROWS_PER_TILE;
         for p in panels {
-            let panel = &self.packed[p * self.panel_bytes()..(p + 1) * self.panel_bytes()];
+            let panel = &packed[p * self.panel_bytes()..(p + 1) * self.panel_bytes()];
             // The last panel may be padded past the matrix's rows.
             let first_row = p * PANEL_ROWS;
             let valid = PANEL_ROWS.min(self.rows - first_row);
@@ -304,7 +393,11 @@ mod tests {
             let alone =
                 QuantMatrix::new(source.format, source.rows, source.cols, source.data, &pool)
                     .unwrap();
-            assert_eq!(&matrix.packed[..], &alone.packed[..]);
+            let (Layout::Panels(packed), Layout::Panels(alone)) = (&matrix.layout, &alone.layout)
+            else {
+                panic!("packed matrices in panels");
+            };
+            assert_eq!(&packed[..], &alone[..]);
         }
         // The region is full now, and a refused source packs nothing.
         let told = AtomicUsize::new(0);

@@ -1,5 +1,5 @@
 //! The scalar kernels: the reference every kernel is tested against (on GGUF rows), and
-//! the panel product for CPUs without SIMD.
+//! the panel and row products for CPUs without SIMD.
 
 use half::f16;
 
@@ -10,7 +10,6 @@ fn half_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
 
-#[cfg(test)]
 /// The integer dot product of one block of 4-bit weights (16 bytes of nibbles) with 32
 /// activation values.
 fn nibble_dot(nibbles: &[u8], q: &[i8]) -> i32 {
@@ -23,8 +22,8 @@ fn nibble_dot(nibbles: &[u8], q: &[i8]) -> i32 {
 }
 
 /// One weight row (whole blocks of `format`, as GGUF stores them) times one quantized
-/// activation row: the reference the panel products are tested against.
-#[cfg(test)]
+/// activation row: the reference every product is tested against, and the row product
+/// for CPUs without SIMD.
 pub fn dot(format: Format, w: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
     let size = format.block_bytes();
     let mut total = 0f32;

@@ -330,3 +330,31 @@ unsafe fn transpose_8x8(rows: [__m256i; 8]) -> [__m256i; 8] {
         }
     })
 }
+
+/// One Q8_0 weight row, as the GGUF file stores it (whole 34-byte blocks, as many as
+/// `x` has per row), times activation row `x`. The weights' magnitudes (unsigned, 128 at
+/// most) multiply the activations with the weights' signs (127 at most in magnitude), so
+/// that a pair of products fits `maddubs`' 16 bits.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `w` holds `x.q.len() / 32` blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn row_dot_q8_0(w: &[u8], x: crate::ActivationRow) -> f32 {
+    debug_assert_eq!(w.len() / Format::Q8_0.block_bytes() * BLOCK, x.q.len());
+    let mut acc = _mm256_setzero_ps();
+    let ones = _mm256_set1_epi16(1);
+    for (b, block) in w.chunks_exact(Format::Q8_0.block_bytes()).enumerate() {
+        let weights = _mm256_loadu_si256(block[2..].as_ptr().cast());
+        let values = _mm256_loadu_si256(x.q[b * BLOCK..].as_ptr().cast());
+        let pairs = _mm256_maddubs_epi16(
+            _mm256_sign_epi8(weights, weights),
+            _mm256_sign_epi8(values, weights),
+        );
+        let dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+        let scale = half::f16::from_le_bytes([block[0], block[1]]).to_f32() * x.d[b];
+        acc = _mm256_fmadd_ps(dots, _mm256_set1_ps(scale), acc);
+    }
+    let quad = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
+    let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+    _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)))
+}

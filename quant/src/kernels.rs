@@ -106,9 +106,7 @@ impl KernelChoice {
             Kernel::Neon => unreachable!("no NEON kernel off aarch64"),
         }
     }
-}
 
-impl KernelChoice {
     /// One weight row as the GGUF file stores it (whole blocks of `format`) times
     /// activation row `m` of `x`: SIMD for Q8_0, the matrices read in place; the scalar
     /// reference otherwise.

@@ -144,10 +144,7 @@ impl QuantMatrix {
             .iter()
             .zip(claims.iter_mut())
             .map(|(source, claim)| PackJob {
-                format: source.format,
-                rows: source.rows,
-                cols: source.cols,
-                data: source.data,
+                source: *source,
                 out: claim.bytes_mut(),
             })
             .collect();
@@ -198,10 +195,10 @@ impl QuantMatrix {
         self.cols
     }
 
-    /// GGUF row `row` of a matrix read in place.
-    fn gguf_row<'a>(&self, data: &'a Arc<dyn RowBytes>, row: usize) -> &'a [u8] {
+    /// GGUF row `row` of a matrix read in place, whose bytes are `data`.
+    fn gguf_row<'a>(&self, data: &'a [u8], row: usize) -> &'a [u8] {
         let row_bytes = self.cols / BLOCK * self.format.block_bytes();
-        &(**data).as_ref()[row * row_bytes..(row + 1) * row_bytes]
+        &data[row * row_bytes..(row + 1) * row_bytes]
     }
 
     fn panel_bytes(&self) -> usize {
@@ -221,7 +218,7 @@ impl QuantMatrix {
                 crate::scalar::dequantize(self.format, &gguf, out);
             }
             Layout::Rows(data) => {
-                crate::scalar::dequantize(self.format, self.gguf_row(data, row), out)
+                crate::scalar::dequantize(self.format, self.gguf_row((**data).as_ref(), row), out)
             }
         }
     }
@@ -283,6 +280,7 @@ impl QuantMatrix {
         out: *mut f32,
     ) {
         assert!(rows.end <= self.rows);
+        let data = (**data).as_ref();
         for n in rows {
             let weights = self.gguf_row(data, n);
             for m in 0..x.rows {

@@ -18,7 +18,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::{Format, Pool, BLOCK};
+use crate::{Format, MatrixSource, Pool, BLOCK};
 
 /// Weight rows per panel.
 pub const PANEL_ROWS: usize = 8;
@@ -87,13 +87,9 @@ pub(crate) fn packed_len(format: Format, rows: usize, cols: usize) -> usize {
     rows.div_ceil(PANEL_ROWS) * (cols / BLOCK) * panel_block_bytes(format)
 }
 
-/// A matrix to pack: `rows` by `cols / 32` GGUF blocks of `format` in `data`, into `out`
-/// ([`packed_len`] bytes).
+/// A matrix to pack, into `out` ([`packed_len`] bytes).
 pub(crate) struct PackJob<'a> {
-    pub format: Format,
-    pub rows: usize,
-    pub cols: usize,
-    pub data: &'a [u8],
+    pub source: MatrixSource<'a>,
     pub out: &'a mut [u8],
 }
 
@@ -101,74 +97,60 @@ pub(crate) struct PackJob<'a> {
 /// threads stay busy from the first matrix to the last; `packed(i)` runs once matrix `i`
 /// is done (on whichever thread finished it).
 pub(crate) fn pack(jobs: Vec<PackJob>, pool: &Pool, packed: &(dyn Fn(usize) + Sync)) {
-    let mut shapes = Vec::with_capacity(jobs.len());
+    // Each matrix with the count of its tasks not yet done.
+    let mut matrices: Vec<(MatrixSource, AtomicUsize)> = Vec::with_capacity(jobs.len());
     let mut tasks: Vec<Mutex<(usize, usize, &mut [u8])>> = Vec::new();
-    for (index, job) in jobs.into_iter().enumerate() {
-        let PackJob {
-            format,
-            rows,
-            cols,
-            data,
-            out,
-        } = job;
-        assert_eq!(out.len(), packed_len(format, rows, cols));
-        let panel_bytes = cols / BLOCK * panel_block_bytes(format);
+    for (index, PackJob { source, out }) in jobs.into_iter().enumerate() {
+        assert_eq!(
+            out.len(),
+            packed_len(source.format, source.rows, source.cols)
+        );
+        let panel_bytes = source.cols / BLOCK * panel_block_bytes(source.format);
         let first_task = tasks.len();
         tasks.extend(
             out.chunks_mut(PANELS_PER_TASK * panel_bytes.max(1))
                 .enumerate()
                 .map(|(task, chunk)| Mutex::new((index, task * PANELS_PER_TASK, chunk))),
         );
-        shapes.push((
-            format,
-            rows,
-            cols,
-            data,
-            AtomicUsize::new(tasks.len() - first_task),
-        ));
-    }
-    for (index, shape) in shapes.iter().enumerate() {
-        if shape.4.load(Ordering::Relaxed) == 0 {
+        let left = AtomicUsize::new(tasks.len() - first_task);
+        if tasks.len() == first_task {
             packed(index);
         }
+        matrices.push((source, left));
     }
     pool.run(tasks.len(), &|task| {
         let mut task = tasks[task].lock().unwrap_or_else(|e| e.into_inner());
         let (index, first_panel, ref mut chunk) = *task;
-        let (format, rows, cols, data, ref left) = shapes[index];
-        pack_panels(format, rows, cols, data, first_panel, chunk);
+        let (source, left) = &matrices[index];
+        pack_panels(source, first_panel, chunk);
         if left.fetch_sub(1, Ordering::AcqRel) == 1 {
             packed(index);
         }
     });
 }
 
-/// Panels `first_panel..` into `out` (whole panels).
-fn pack_panels(
-    format: Format,
-    rows: usize,
-    cols: usize,
-    data: &[u8],
-    first_panel: usize,
-    out: &mut [u8],
-) {
-    match format {
-        Format::Q4_0 => pack_panels_of::<18, 144>(format, rows, cols, data, first_panel, out),
-        Format::Q4_1 => pack_panels_of::<20, 160>(format, rows, cols, data, first_panel, out),
-        Format::Q8_0 => pack_panels_of::<34, 272>(format, rows, cols, data, first_panel, out),
+/// Panels `first_panel..` of `source` into `out` (whole panels).
+fn pack_panels(source: &MatrixSource, first_panel: usize, out: &mut [u8]) {
+    match source.format {
+        Format::Q4_0 => pack_panels_of::<18, 144>(source, first_panel, out),
+        Format::Q4_1 => pack_panels_of::<20, 160>(source, first_panel, out),
+        Format::Q8_0 => pack_panels_of::<34, 272>(source, first_panel, out),
     }
 }
 
 /// [`pack_panels`] for blocks of `SIZE` bytes and panel blocks of `PANEL` bytes: with the
 /// sizes known, each block's moves compile to fixed offsets without bounds checks.
 fn pack_panels_of<const SIZE: usize, const PANEL: usize>(
-    format: Format,
-    rows: usize,
-    cols: usize,
-    data: &[u8],
+    source: &MatrixSource,
     first_panel: usize,
     out: &mut [u8],
 ) {
+    let MatrixSource {
+        format,
+        rows,
+        cols,
+        data,
+    } = *source;
     debug_assert_eq!(
         (SIZE, PANEL),
         (format.block_bytes(), panel_block_bytes(format))
@@ -294,10 +276,12 @@ mod tests {
             // Filled with a byte that no padding holds, to see the padding written.
             let mut packed = vec![0xA5; packed_len(format, rows, blocks * BLOCK)];
             let job = PackJob {
-                format,
-                rows,
-                cols: blocks * BLOCK,
-                data: &data,
+                source: MatrixSource {
+                    format,
+                    rows,
+                    cols: blocks * BLOCK,
+                    data: &data,
+                },
                 out: &mut packed,
             };
             pack(vec![job], &Pool::new(3), &|_| {});

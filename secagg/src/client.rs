@@ -199,7 +199,7 @@ impl Client {
     pub fn masked_input_encoded(
         &mut self,
         shares: &[EncryptedShare],
-        values: &[u64],
+        values: &[u32],
     ) -> Result<MaskedInput, SecAggError> {
         self.expect_stage(Stage::MaskedInput)?;
         self.check_len(values.len())?;
@@ -210,7 +210,7 @@ impl Client {
     fn mask(
         &mut self,
         shares: &[EncryptedShare],
-        mut values: Vec<u64>,
+        mut values: Vec<u32>,
     ) -> Result<MaskedInput, SecAggError> {
         let round = self.params.round();
         let mut received_seed_shares = BTreeMap::new();
@@ -280,7 +280,7 @@ impl Client {
             });
         }
         // A client runs on one core: an edge device has few and they are busy training.
-        apply_masks(&mut values, &jobs, self.params.mask_element_bytes(), 1);
+        apply_masks(&mut values, &jobs, 1);
         let ring_mask = self.params.ring_mask();
         values.iter_mut().for_each(|v| *v &= ring_mask);
         self.held_seed_shares.append(&mut received_seed_shares);
@@ -399,10 +399,11 @@ pub(crate) fn pairwise_sign(me: ClientId, peer: ClientId) -> MaskSign {
 }
 
 /// Refuses values outside `Z_{2^m}`.
-pub(crate) fn check_ring(values: &[u64], params: &Params) -> Result<(), SecAggError> {
+pub(crate) fn check_ring(values: &[u32], params: &Params) -> Result<(), SecAggError> {
     let ring_mask = params.ring_mask();
-    // An OR over all values vectorizes; the position is sought only on refusal.
-    if values.iter().fold(0, |acc, &v| acc | v) & !ring_mask == 0 {
+    // Every word is in a 32-bit ring; otherwise an OR over all values vectorizes, and
+    // the position is sought only on refusal.
+    if ring_mask == u32::MAX || values.iter().fold(0, |acc, &v| acc | v) & !ring_mask == 0 {
         return Ok(());
     }
     match values.iter().position(|&v| v & !ring_mask != 0) {
@@ -421,9 +422,11 @@ mod tests {
     use crate::Config;
     use rand_core::OsRng;
 
+    /// Two clients of a round in the ring `Z_{2^24}`.
     fn pair() -> (Client, Client) {
         let mut config = Config::new(2, 3);
         config.threshold = 2;
+        config.modulus_bits = 24;
         let params = Params::new(config).unwrap();
         (
             Client::new(0, params.clone(), &mut OsRng).unwrap(),
@@ -482,7 +485,7 @@ mod tests {
         a.share_keys(&keys).unwrap();
         let from_b = b.share_keys(&keys).unwrap();
         assert!(matches!(
-            a.masked_input_encoded(&from_b.shares, &[1, 1 << 32, 3]),
+            a.masked_input_encoded(&from_b.shares, &[1, 1 << 24, 3]),
             Err(SecAggError::OutOfRing { index: 1, .. })
         ));
         assert_eq!(

@@ -1,7 +1,7 @@
 //! The wire form of every message of the four stages, in both directions: compact binary,
 //! little-endian, decoded with limits so that a peer cannot make the reader allocate
-//! without bound. Masked vectors travel in 4 bytes per element when the ring fits
-//! (`modulus_bits <= 32`, Flower's default), 8 otherwise.
+//! without bound. Masked vectors travel in 4 bytes per element (the ring has at most 32
+//! bits).
 //!
 //! Every message starts with the magic `NFSA`, a version byte and a kind byte.
 
@@ -12,7 +12,7 @@ use crate::{
 };
 
 const MAGIC: &[u8; 4] = b"NFSA";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 /// Most items of any list (neighbours, shares, clients).
 pub const MAX_ITEMS: usize = 1 << 16;
 /// Most bytes of one encrypted share.
@@ -204,16 +204,10 @@ pub fn encode_client_message(message: &ClientMessage) -> Vec<u8> {
         ClientMessage::MaskedInput(m) => {
             w = Writer::new(Kind::MaskedInput, m.round);
             w.u32(m.sender);
-            let narrow = m.values.iter().all(|v| *v <= u64::from(u32::MAX));
-            w.0.push(if narrow { 4 } else { 8 });
             w.u32(m.values.len() as u32);
-            w.0.reserve(m.values.len() * if narrow { 4 } else { 8 });
+            w.0.reserve(m.values.len() * 4);
             for v in &m.values {
-                if narrow {
-                    w.u32(*v as u32);
-                } else {
-                    w.u64(*v);
-                }
+                w.u32(*v);
             }
         }
         ClientMessage::Unmask(m) => {
@@ -246,21 +240,12 @@ pub fn decode_client_message(bytes: &[u8]) -> Result<ClientMessage, CodecError> 
         }
         k if k == Kind::MaskedInput as u8 => {
             let sender = r.u32()?;
-            let width = r.take(1)?[0];
-            if width != 4 && width != 8 {
-                return err(format!("element width {width}"));
-            }
             let n = r.count(MAX_VECTOR, "elements")?;
-            let raw = r.take(n * width as usize)?;
-            let values = if width == 4 {
-                raw.chunks_exact(4)
-                    .map(|c| u64::from(u32::from_le_bytes(c.try_into().expect("4 bytes"))))
-                    .collect()
-            } else {
-                raw.chunks_exact(8)
-                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-                    .collect()
-            };
+            let values = r
+                .take(n * 4)?
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
             ClientMessage::MaskedInput(MaskedInput {
                 round,
                 sender,
@@ -412,11 +397,11 @@ mod tests {
     }
 
     #[test]
-    fn masked_vectors_take_four_bytes_per_element_in_a_32_bit_ring() {
+    fn masked_vectors_take_four_bytes_per_element() {
         let m = ClientMessage::MaskedInput(MaskedInput {
             round: 1,
             sender: 2,
-            values: vec![u64::from(u32::MAX); 1000],
+            values: vec![u32::MAX; 1000],
         });
         let bytes = encode_client_message(&m);
         assert!(bytes.len() < 1000 * 4 + 64);

@@ -28,7 +28,7 @@ pub enum SecAggError {
     #[error("element {index} is {value}, outside the ring Z_2^{modulus_bits}")]
     OutOfRing {
         index: usize,
-        value: u64,
+        value: u32,
         modulus_bits: u32,
     },
     #[error("element {index} of the input is not a finite number; clip or drop the update")]

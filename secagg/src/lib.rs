@@ -90,6 +90,7 @@ mod crypto;
 pub mod encoding;
 mod error;
 mod graph;
+mod keystream;
 mod messages;
 mod params;
 pub mod prg;

@@ -38,7 +38,7 @@ pub struct ShareKeys {
 pub struct MaskedInput {
     pub round: u64,
     pub sender: ClientId,
-    pub values: Vec<u64>,
+    pub values: Vec<u32>,
 }
 
 impl fmt::Debug for MaskedInput {

@@ -26,7 +26,8 @@ pub struct Config {
     pub clipping_range: f64,
     /// Clipped inputs map onto the integers `0..=quantization_range`.
     pub quantization_range: u64,
-    /// The ring is `Z_{2^modulus_bits}`, `1 <= modulus_bits <= 64`.
+    /// The ring is `Z_{2^modulus_bits}`, `1 <= modulus_bits <= 32`: elements are 32-bit
+    /// words, as with Flower's default modulus 2^32.
     pub modulus_bits: u32,
 }
 
@@ -101,17 +102,8 @@ impl Params {
         }
     }
 
-    /// Bytes of keystream per mask element: 4 while the ring fits in 32 bits.
-    pub(crate) fn mask_element_bytes(&self) -> usize {
-        if self.config.modulus_bits <= 32 {
-            4
-        } else {
-            8
-        }
-    }
-
-    pub(crate) fn ring_mask(&self) -> u64 {
-        u64::MAX >> (64 - self.config.modulus_bits)
+    pub(crate) fn ring_mask(&self) -> u32 {
+        u32::MAX >> (32 - self.config.modulus_bits)
     }
 }
 
@@ -150,9 +142,9 @@ fn validate(c: &Config) -> Result<(), String> {
             c.clipping_range
         ));
     }
-    if c.modulus_bits == 0 || c.modulus_bits > 64 {
+    if c.modulus_bits == 0 || c.modulus_bits > 32 {
         return Err(format!(
-            "modulus_bits is {}; it must lie in 1..=64",
+            "modulus_bits is {}; it must lie in 1..=32",
             c.modulus_bits
         ));
     }
@@ -178,8 +170,7 @@ mod tests {
     fn flower_defaults_are_valid() {
         let params = Params::new(Config::new(100, 10)).unwrap();
         assert_eq!(params.config().threshold, 67);
-        assert_eq!(params.mask_element_bytes(), 4);
-        assert_eq!(params.ring_mask(), u64::from(u32::MAX));
+        assert_eq!(params.ring_mask(), u32::MAX);
     }
 
     #[test]
@@ -207,11 +198,13 @@ mod tests {
     }
 
     #[test]
-    fn sixty_four_bit_ring_uses_eight_byte_masks() {
+    fn rings_wider_than_32_bits_are_refused() {
         let mut config = Config::new(5, 10);
-        config.modulus_bits = 64;
-        let params = Params::new(config).unwrap();
-        assert_eq!(params.mask_element_bytes(), 8);
-        assert_eq!(params.ring_mask(), u64::MAX);
+        config.modulus_bits = 33;
+        let err = Params::new(config.clone()).unwrap_err().to_string();
+        assert!(err.contains("1..=32"), "{err}");
+        config.modulus_bits = 20;
+        config.quantization_range = 1 << 16;
+        assert_eq!(Params::new(config).unwrap().ring_mask(), (1 << 20) - 1);
     }
 }

@@ -44,7 +44,7 @@ pub struct Server {
     inbox: BTreeMap<ClientId, Vec<EncryptedShare>>,
     /// Clients whose masked input was accepted in stage 3, and the running sum.
     masked_senders: BTreeSet<ClientId>,
-    masked_sum: Vec<u64>,
+    masked_sum: Vec<u32>,
     unmask_requests: BTreeMap<ClientId, UnmaskRequest>,
     unmask_responses: BTreeMap<ClientId, UnmaskResponse>,
 }
@@ -52,14 +52,14 @@ pub struct Server {
 /// The outcome of a round: the sum of the survivors' inputs and nothing else.
 #[derive(Clone, PartialEq)]
 pub struct Aggregate {
-    sum: Vec<u64>,
+    sum: Vec<u32>,
     contributors: Vec<ClientId>,
     config: Config,
 }
 
 impl Aggregate {
     /// The sum in the ring `Z_{2^m}`.
-    pub fn sum(&self) -> &[u64] {
+    pub fn sum(&self) -> &[u32] {
         &self.sum
     }
 
@@ -69,8 +69,8 @@ impl Aggregate {
     }
 
     /// The sum decoded from fixed point to floats.
-    pub fn decode(&self) -> Vec<f32> {
-        decode_sum(&self.sum, self.contributors.len(), &self.config)
+    pub fn decode(self) -> Vec<f32> {
+        decode_sum(self.sum, self.contributors.len(), &self.config)
     }
 }
 
@@ -237,8 +237,15 @@ impl Server {
             });
         }
         check_ring(&input.values, &self.params)?;
-        for (sum, value) in self.masked_sum.iter_mut().zip(&input.values) {
-            *sum = sum.wrapping_add(*value);
+        if self.masked_senders.is_empty() {
+            // The first input becomes the running sum: no zeroed vector to fault in.
+            self.masked_sum = input.values;
+        } else {
+            // One thread: split across cores, the sum's lines would move between caches
+            // on every input, which costs more than the adding.
+            for (sum, value) in self.masked_sum.iter_mut().zip(&input.values) {
+                *sum = sum.wrapping_add(*value);
+            }
         }
         self.masked_senders.insert(input.sender);
         Ok(())
@@ -298,7 +305,6 @@ impl Server {
                 let senders = &self.share_senders;
                 self.inbox
                     .retain(|recipient, _| senders.contains(recipient));
-                self.masked_sum = vec![0; self.params.config().vector_len];
                 Ok(Next::Stage(Stage::MaskedInput))
             }
             Stage::MaskedInput => {
@@ -447,6 +453,10 @@ impl Server {
             })
         };
         let mut jobs = Vec::new();
+        // `(owner, survivor)`: `owner` shared keys but sent no input, so the survivor's
+        // input holds a pairwise mask with it that no longer cancels.
+        let mut broken_pairs: Vec<(ClientId, ClientId)> = Vec::new();
+        let mut dropped_secrets: BTreeMap<ClientId, StaticSecret> = BTreeMap::new();
         for &owner in &self.share_senders {
             if self.masked_senders.contains(&owner) {
                 let seed = zeroize::Zeroizing::new(rebuild(owner, seed_shares.get(&owner))?);
@@ -456,37 +466,41 @@ impl Server {
                 });
                 continue;
             }
-            // `owner` shared keys but sent no input: its survivors' inputs hold pairwise
-            // masks with it that no longer cancel.
             let secret = StaticSecret::from(rebuild(owner, key_shares.get(&owner))?);
             if PublicKey::from(&secret).to_bytes() != self.advertised[&owner].mask_public_key {
                 return Err(SecAggError::InconsistentShares { owner });
             }
-            for survivor in self.live_neighbours(owner, |c| self.masked_senders.contains(&c)) {
-                let key = pairwise_mask_key(
-                    &secret,
-                    &self.advertised[&survivor].mask_public_key,
-                    round,
-                    owner,
-                    survivor,
-                )?;
-                // The survivor applied its sign for the pair; apply the opposite.
-                let sign = match pairwise_sign(survivor, owner) {
-                    MaskSign::Add => MaskSign::Subtract,
-                    MaskSign::Subtract => MaskSign::Add,
-                };
-                jobs.push(MaskJob { key, sign });
-            }
+            dropped_secrets.insert(owner, secret);
+            let survivors = self.live_neighbours(owner, |c| self.masked_senders.contains(&c));
+            broken_pairs.extend(survivors.into_iter().map(|survivor| (owner, survivor)));
         }
+        // One key agreement per pair, the slowest step here: spread over the threads.
+        let pairwise = map_on_threads(&broken_pairs, self.threads, |&(owner, survivor)| {
+            let key = pairwise_mask_key(
+                &dropped_secrets[&owner],
+                &self.advertised[&survivor].mask_public_key,
+                round,
+                owner,
+                survivor,
+            )?;
+            // The survivor applied its sign for the pair; apply the opposite.
+            let sign = match pairwise_sign(survivor, owner) {
+                MaskSign::Add => MaskSign::Subtract,
+                MaskSign::Subtract => MaskSign::Add,
+            };
+            Ok(MaskJob { key, sign })
+        });
+        for job in pairwise {
+            jobs.push(job?);
+        }
+        // At least `threshold` inputs arrived (`check_neighbourhoods`), so the sum is whole.
         let mut sum = std::mem::take(&mut self.masked_sum);
-        apply_masks(
-            &mut sum,
-            &jobs,
-            self.params.mask_element_bytes(),
-            self.threads,
-        );
+        debug_assert_eq!(sum.len(), self.params.config().vector_len);
+        apply_masks(&mut sum, &jobs, self.threads);
         let ring_mask = self.params.ring_mask();
-        sum.iter_mut().for_each(|v| *v &= ring_mask);
+        if ring_mask != u32::MAX {
+            sum.iter_mut().for_each(|v| *v &= ring_mask);
+        }
         self.unmask_responses.clear();
         Ok(Aggregate {
             sum,
@@ -499,6 +513,35 @@ impl Server {
 enum Next {
     Stage(Stage),
     Done(Aggregate),
+}
+
+/// `f` over `items` on up to `threads` threads (the caller's among them), results in
+/// the order of `items`.
+fn map_on_threads<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let per_thread = items.len().div_ceil(threads.max(1)).max(1);
+    let mut chunks = items.chunks(per_thread);
+    let Some(head) = chunks.next() else {
+        return Vec::new();
+    };
+    std::thread::scope(|scope| {
+        let f = &f;
+        let others: Vec<_> = chunks
+            .map(|chunk| scope.spawn(move || chunk.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        let mut out: Vec<R> = head.iter().map(f).collect();
+        for other in others {
+            out.extend(
+                other
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            );
+        }
+        out
+    })
 }
 
 fn require_member(members: &BTreeSet<ClientId>, client: ClientId) -> Result<(), SecAggError> {

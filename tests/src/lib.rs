@@ -29,12 +29,27 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, for a server a test starts next.
+///
+/// Ports come from below Linux's ephemeral range (32768 and up), where the kernel picks
+/// the local ports of outgoing connections and of `bind(0)`: a port taken from there
+/// could go to some connection between this check and the server's bind. No port is
+/// handed out twice by one test process, whose tests run in parallel.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Test binaries run one after another, but a process's leftovers may still listen.
+    let start = std::process::id().wrapping_mul(7_919);
+    for _ in 0..COUNT {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + start.wrapping_add(n) % COUNT) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT)
 }
 
 /// Polls `check` until it holds or `timeout` passes; true when it held.
@@ -132,11 +147,14 @@ impl Coordinator {
             .arg("serve");
         let log = self.dir.join(format!("serve-{}.log", self.starts));
         self.child = Some(spawn_logged(command, &log));
-        let ready = wait_until(Duration::from_secs(20), || self.healthy());
+        let ready = wait_until(Duration::from_secs(20), || {
+            self.healthy() || !self.is_running()
+        });
         assert!(
-            ready,
-            "coordinator did not become healthy; see {}",
-            log.display()
+            ready && self.is_running(),
+            "coordinator did not become healthy; see {}:\n{}",
+            log.display(),
+            std::fs::read_to_string(&log).unwrap_or_default()
         );
     }
 

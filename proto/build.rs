@@ -14,6 +14,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("nanofleet_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    tonic_prost_build::configure()
+        // Artifact bytes are sliced out of the received buffer rather than copied.
+        .bytes(".nanofleet.v1.ChunkData.data")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -33,6 +33,7 @@ use nanofleet_proto::v1::{
     node_service_client::NodeServiceClient, ArtifactReport, ArtifactState, AssignArtifact,
     ChunkData, FetchChunksRequest, ModelHealth,
 };
+use prost::bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -445,7 +446,7 @@ async fn receive(
     mut stream: tonic::Streaming<ChunkData>,
     chunks: &[Chunk],
     first: usize,
-    frames: mpsc::Sender<Vec<u8>>,
+    frames: mpsc::Sender<Bytes>,
 ) -> Result<u64, ApplyError> {
     let mut received = 0u64;
     let mut index = first;
@@ -552,7 +553,7 @@ impl PartialFile {
     /// Writes what the receiver queues until it closes the queue or a chunk is
     /// refused; then drops any bytes past the last verified chunk from the file. A
     /// download that stopped short is not continued: the next attempt resumes from disk.
-    fn write_queue(&mut self, mut queue: mpsc::Receiver<Vec<u8>>) -> Result<(), ApplyError> {
+    fn write_queue(&mut self, mut queue: mpsc::Receiver<Bytes>) -> Result<(), ApplyError> {
         let mut written = Ok(());
         while let Some(data) = queue.blocking_recv() {
             written = self.write(&data);
@@ -1090,7 +1091,7 @@ mod tests {
         sent[2 * 1024 + 5] ^= 1;
         let (frames, queue) = mpsc::channel(64);
         for frame in sent.chunks(700) {
-            frames.blocking_send(frame.to_vec()).unwrap();
+            frames.blocking_send(Bytes::copy_from_slice(frame)).unwrap();
         }
         drop(frames);
         let mut partial = PartialFile::resume(path.clone(), &manifest).unwrap();

@@ -119,7 +119,7 @@ async fn send_chunks(
                 let frame = ChunkData {
                     chunk_index,
                     offset,
-                    data,
+                    data: data.into(),
                 };
                 if sender.send(Ok(frame)).await.is_err() {
                     return; // the agent went away; it resumes from its last verified chunk

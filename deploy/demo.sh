@@ -21,16 +21,12 @@ bin=target/release
 
 step() { printf '\n==> %s\n' "$*"; }
 
-# Creates a rollout (arguments: rollout create flags), waits until it ends, shows it.
+# Creates a rollout (arguments: rollout create flags), waits until it ends (the wave
+# timeout halts one that does not), shows it; fails unless it completed.
 roll_out() {
-  local rollout state
+  local rollout
   rollout=$($bin/nanofleet rollout create "$@" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
-  for _ in $(seq 300); do
-    state=$($bin/nanofleet rollout status "$rollout" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["state"])')
-    case "$state" in completed|halted|aborted) break ;; esac
-    sleep 0.2
-  done
-  $bin/nanofleet rollout status "$rollout"
+  $bin/nanofleet rollout status "$rollout" --wait
 }
 
 step "building nanofleet (release)"

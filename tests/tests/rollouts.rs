@@ -38,7 +38,9 @@ fn the_real_model_rolls_out_to_three_agents_in_two_waves() {
     let first = status(&coordinator, &id);
     assert_eq!(first["waves"][0]["nodes"].as_array().unwrap().len(), 2);
     assert_eq!(first["waves"][1]["nodes"].as_array().unwrap().len(), 1);
-    let done = wait_state(&coordinator, &id, "completed", Duration::from_secs(120));
+    // `status --wait` returns once the rollout ends (the 60 s wave timeout bounds it).
+    let done = coordinator.cli_json(&["rollout", "status", &id, "--wait"]);
+    assert_eq!(done["state"], "completed", "{done:#}");
     for wave in done["waves"].as_array().unwrap() {
         assert_eq!(wave["state"], "passed");
         for node in wave["nodes"].as_array().unwrap() {
@@ -88,6 +90,13 @@ fn a_model_that_fails_the_smoke_prompt_halts_after_wave_one_and_never_reaches_th
 
     let v2 = create_rollout(&coordinator, "tiny@2.0.0", "33%,100%");
     let halted = wait_state(&coordinator, &v2, "halted", Duration::from_secs(60));
+    let waited = coordinator.cli(&["rollout", "status", &v2, "--wait"]);
+    assert!(
+        !waited.status.success(),
+        "a halted rollout fails `status --wait`"
+    );
+    let said = String::from_utf8_lossy(&waited.stderr);
+    assert!(said.contains("is halted: wave 1 failed its gate"), "{said}");
     let reason = halted["reason"].as_str().unwrap();
     assert!(
         reason.contains("wave 1 failed its gate") && reason.contains("smoke prompt failed"),

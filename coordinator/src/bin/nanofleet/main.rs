@@ -247,6 +247,10 @@ enum RolloutCommand {
     },
     Status {
         id: String,
+        /// Wait while the rollout runs (as `kubectl rollout status` does), then print it;
+        /// exits non-zero unless it completed.
+        #[arg(long)]
+        wait: bool,
     },
     List,
     Pause {
@@ -341,7 +345,32 @@ async fn rollout(cli: &Cli, command: &RolloutCommand) -> anyhow::Result<()> {
                 })
                 .await
         }
-        RolloutCommand::Status { id } => client.get_rollout(by_id(id)).await,
+        RolloutCommand::Status { id, wait: false } => client.get_rollout(by_id(id)).await,
+        RolloutCommand::Status { id, wait: true } => {
+            let rollout = loop {
+                let rollout = client
+                    .get_rollout(by_id(id))
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                if rollout.state != "running" {
+                    break rollout;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            };
+            print_rollout(&rollout, cli.json)?;
+            anyhow::ensure!(
+                rollout.state == "completed",
+                "rollout {id} is {}{}",
+                rollout.state,
+                if rollout.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", rollout.reason)
+                }
+            );
+            return Ok(());
+        }
         RolloutCommand::Pause { id } => client.pause_rollout(by_id(id)).await,
         RolloutCommand::Resume { id } => client.resume_rollout(by_id(id)).await,
         RolloutCommand::Abort { id } => client.abort_rollout(by_id(id)).await,

@@ -10,7 +10,10 @@
 //! - [`trust`]: which keys may sign which artifacts, and when; [`trust::verify`].
 //! - [`openssf`]: verification of bundles written by OpenSSF `model_signing sign key`.
 //! - [`ids`]: SHA-256 digests and key ids written as hex.
+//! - [`digests`]: the chunk and whole-file SHA-256 of a byte stream in one pass (both
+//!   states through each block together with SHA-NI), for publisher, coordinator and agent.
 
+pub mod digests;
 pub mod gguf;
 pub mod ids;
 pub mod manifest;

@@ -19,8 +19,8 @@
 use std::io::Read;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
+use crate::digests::Digests;
 use crate::ids::Sha256Digest;
 
 /// Largest chunk an agent is asked to hold in memory while verifying it.
@@ -348,8 +348,7 @@ pub struct ChunkedContent {
 #[derive(Clone, Debug)]
 pub struct Chunker {
     chunk_size: u64,
-    whole: Sha256,
-    current: Sha256,
+    digests: Digests,
     current_len: u64,
     size: u64,
     chunks: Vec<Chunk>,
@@ -360,8 +359,7 @@ impl Chunker {
         check_chunk_size(chunk_size)?;
         Ok(Self {
             chunk_size,
-            whole: Sha256::new(),
-            current: Sha256::new(),
+            digests: Digests::default(),
             current_len: 0,
             size: 0,
             chunks: Vec::new(),
@@ -370,11 +368,10 @@ impl Chunker {
 
     /// Feeds the next bytes of the stream; any split of the stream gives the same result.
     pub fn update(&mut self, mut bytes: &[u8]) {
-        self.whole.update(bytes);
         while !bytes.is_empty() {
             let room = self.chunk_size - self.current_len;
             let take = bytes.len().min(usize::try_from(room).unwrap_or(usize::MAX));
-            self.current.update(&bytes[..take]);
+            self.digests.update(&bytes[..take]);
             self.current_len += take as u64;
             bytes = &bytes[take..];
             if self.current_len == self.chunk_size {
@@ -384,12 +381,11 @@ impl Chunker {
     }
 
     fn close_chunk(&mut self) {
-        let digest = std::mem::take(&mut self.current).finalize();
         self.chunks.push(Chunk {
             index: self.chunks.len() as u64,
             offset: self.size,
             size: self.current_len,
-            sha256: Sha256Digest::from_bytes(digest.into()),
+            sha256: self.digests.finish_chunk(),
         });
         self.size += self.current_len;
         self.current_len = 0;
@@ -401,7 +397,7 @@ impl Chunker {
         }
         ChunkedContent {
             size: self.size,
-            sha256: Sha256Digest::from_bytes(self.whole.finalize().into()),
+            sha256: self.digests.finish_whole(),
             chunk_size: self.chunk_size,
             chunks: self.chunks,
         }

@@ -13,13 +13,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use nanofleet_artifact::digests::Digests;
 use nanofleet_artifact::gguf::{GgufError, GgufHeader, Limits, ParseOutcome};
-use nanofleet_artifact::ids::Sha256Digest;
 use nanofleet_artifact::manifest::{ArtifactFormat, ArtifactKind, Manifest, ManifestError};
 use nanofleet_artifact::signing::{SignedManifest, SigningError};
 use nanofleet_artifact::trust::{self, PolicyError, TrustError, TrustPolicy};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::now_unix_ms;
 use crate::store::{decode, encode, Keyspace, KvStore, StoreError};
@@ -181,7 +180,7 @@ impl ArtifactStore {
             publisher: publisher.to_owned(),
             chunk: ChunkWriter::new(&staging, 0)?,
             staging,
-            whole: Sha256::new(),
+            digests: Digests::default(),
             received: 0,
             header: HeaderCheck::default(),
         })
@@ -200,7 +199,7 @@ impl ArtifactStore {
             // A header longer than the file itself: the file is cut short.
             upload.header.check(manifest, true)?;
         }
-        let whole = Sha256Digest::from_bytes(std::mem::take(&mut upload.whole).finalize().into());
+        let whole = std::mem::take(&mut upload.digests).finish_whole();
         if whole != manifest.sha256 {
             return Err(ArtifactError::Mismatch(ManifestError::ContentMismatch {
                 expected: manifest.sha256,
@@ -282,11 +281,10 @@ fn check_adapter(staging: &Path, manifest: &Manifest) -> Result<(), ArtifactErro
     Ok(())
 }
 
-/// The chunk being received: written to `<staging>/<index>` while hashed.
+/// The chunk being received: written to `<staging>/<index>`.
 struct ChunkWriter {
     index: u64,
     file: File,
-    hasher: Sha256,
     written: u64,
 }
 
@@ -295,7 +293,6 @@ impl ChunkWriter {
         Ok(Self {
             index,
             file: File::create(staging.join(index.to_string()))?,
-            hasher: Sha256::new(),
             written: 0,
         })
     }
@@ -362,7 +359,8 @@ pub struct Upload {
     publisher: String,
     staging: PathBuf,
     chunk: ChunkWriter,
-    whole: Sha256,
+    /// Of the chunk being received and of everything received.
+    digests: Digests,
     received: u64,
     header: HeaderCheck,
 }
@@ -377,20 +375,17 @@ impl Upload {
             });
         }
         self.header.feed(data, manifest)?;
-        self.whole.update(data);
         self.received += data.len() as u64;
         while !data.is_empty() {
             let chunk = &manifest.chunks[self.chunk.index as usize];
             let take = ((chunk.size - self.chunk.written) as usize).min(data.len());
             let (piece, rest) = data.split_at(take);
             self.chunk.file.write_all(piece)?;
-            self.chunk.hasher.update(piece);
+            self.digests.update(piece);
             self.chunk.written += take as u64;
             data = rest;
             if self.chunk.written == chunk.size {
-                let digest = Sha256Digest::from_bytes(
-                    std::mem::take(&mut self.chunk.hasher).finalize().into(),
-                );
+                let digest = self.digests.finish_chunk();
                 if digest != chunk.sha256 {
                     return Err(ArtifactError::Mismatch(ManifestError::ChunkMismatch {
                         index: chunk.index,

@@ -24,6 +24,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use nanofleet_artifact::digests::Digests;
 use nanofleet_artifact::gguf::{GgufHeader, Limits};
 use nanofleet_artifact::ids::Sha256Digest;
 use nanofleet_artifact::manifest::{ArtifactFormat, ArtifactKind, Chunk, Manifest};
@@ -41,10 +42,6 @@ use tonic::transport::Channel;
 
 use crate::models::{ModelHost, ServedModel};
 use nanofleet_inference::LoraSource;
-
-mod digests;
-
-use digests::Digests;
 
 const MODEL_FILE: &str = "model.gguf";
 const PARTIAL_FILE: &str = "model.gguf.partial";

@@ -1,5 +1,6 @@
-//! The two SHA-256 digests a download needs over the same bytes: the chunk being
-//! written and the whole file so far, fed once so that the file is never read back.
+//! The two SHA-256 digests an artifact's bytes need, the chunk being read and the whole
+//! file so far, from one pass over the bytes: the publisher's chunker, the coordinator's
+//! upload check and the agent's download each feed every byte once.
 //!
 //! Hashing is the agent's largest cost in a download. One SHA-256 state is a chain of
 //! dependent rounds that leaves the CPU's SHA unit idle most of each round's latency;
@@ -7,7 +8,7 @@
 //! (`two_lane`), sharing the block's message schedule, so that both digests cost little
 //! more than one. Elsewhere each state goes through the `sha2` crate's compression.
 
-use nanofleet_artifact::ids::Sha256Digest;
+use crate::ids::Sha256Digest;
 use sha2::digest::generic_array::GenericArray;
 
 const BLOCK: usize = 64;
@@ -17,7 +18,7 @@ const INITIAL_STATE: [u32; 8] = [
 ];
 
 /// Digests of the current chunk and of the whole file, fed the same bytes.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Digests {
     chunk: Lane,
     whole: Lane,
@@ -40,6 +41,7 @@ impl Digests {
         }
     }
 
+    /// Feeds the next bytes to both digests.
     pub fn update(&mut self, mut data: &[u8]) {
         // A chunk that started inside a block of the whole file keeps its blocks apart
         // from the file's (the offset between the two lanes never changes): hashed apart.
@@ -93,7 +95,7 @@ impl Digests {
 }
 
 /// One SHA-256 computation: its state, the bytes of an unfinished block, the length.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 struct Lane {
     state: [u32; 8],
     block: [u8; BLOCK],
